@@ -1,0 +1,227 @@
+//! [`AyaDatapath`]: the map writer over the real BPF maps, and typed readers used by the
+//! inspection CLI on the pinned maps of a running node.
+
+use std::{collections::BTreeMap, path::Path};
+
+use anyhow::{Context as _, Result, anyhow};
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
+};
+use weir_common::{
+    Addr,
+    config::{NodeAddrValue, NodeConfig},
+    ct::{CtEntry, CtKey},
+    lb::{Backend, RevNat, ServiceKey, ServiceValue},
+    maps as names,
+    metrics::Counter,
+};
+use weir_core::{
+    datapath::{ApplyError, ApplyOutcome, Datapath},
+    image::MapImage,
+    plan::{Op, Plan},
+};
+
+/// (key size, value size) of each map, for the pin compatibility check.
+pub fn expected_layout(name: &str) -> Option<(u32, u32)> {
+    use std::mem::size_of;
+    let s = |k: usize, v: usize| Some((k as u32, v as u32));
+    match name {
+        names::SERVICES => s(size_of::<ServiceKey>(), size_of::<ServiceValue>()),
+        names::BACKENDS => s(4, size_of::<Backend>()),
+        names::REV_NAT => s(4, size_of::<RevNat>()),
+        names::AFFINITY => s(
+            size_of::<weir_common::lb::AffinityKey>(),
+            size_of::<weir_common::lb::AffinityValue>(),
+        ),
+        names::MAGLEV => s(size_of::<weir_common::lb::MaglevKey>(), 4),
+        names::CT => s(size_of::<CtKey>(), size_of::<CtEntry>()),
+        names::METRICS => s(4, size_of::<Counter>()),
+        names::CONFIG => s(4, size_of::<NodeConfig>()),
+        names::NODE_ADDRS => s(size_of::<Addr>(), size_of::<NodeAddrValue>()),
+        _ => None,
+    }
+}
+
+/// Handles to the maps the control plane writes.
+pub struct AyaDatapath {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    backends: HashMap<MapData, u32, Backend>,
+    rev_nat: HashMap<MapData, u32, RevNat>,
+    node_addrs: HashMap<MapData, Addr, NodeAddrValue>,
+    config: Array<MapData, NodeConfig>,
+    capacities: BTreeMap<&'static str, u32>,
+}
+
+fn take(ebpf: &mut Ebpf, name: &str) -> Result<Map> {
+    ebpf.take_map(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+}
+
+/// Opens a pinned map of a running node.
+pub fn open_pinned(pin_dir: &Path, name: &str) -> Result<Map> {
+    let path = pin_dir.join("maps").join(name);
+    let data = MapData::from_pin(&path).with_context(|| {
+        format!(
+            "opening {} (is a weir agent running with this pin directory?)",
+            path.display()
+        )
+    })?;
+    Ok(Map::from_map_data(data)?)
+}
+
+impl AyaDatapath {
+    pub(super) fn take(ebpf: &mut Ebpf, capacities: BTreeMap<&'static str, u32>) -> Result<Self> {
+        Ok(Self {
+            services: take(ebpf, names::SERVICES)?.try_into()?,
+            backends: take(ebpf, names::BACKENDS)?.try_into()?,
+            rev_nat: take(ebpf, names::REV_NAT)?.try_into()?,
+            node_addrs: take(ebpf, names::NODE_ADDRS)?.try_into()?,
+            config: take(ebpf, names::CONFIG)?.try_into()?,
+            capacities,
+        })
+    }
+
+    /// Opens the maps of a running node from its pin directory (read-mostly: the CLI).
+    pub fn open(pin_dir: &Path) -> Result<Self> {
+        let mut capacities = BTreeMap::new();
+        for (name, _) in names::ALL {
+            if let Ok(m) = open_pinned(pin_dir, name)
+                && let Ok(info) = map_info(&m)
+            {
+                capacities.insert(*name, info);
+            }
+        }
+        Ok(Self {
+            services: open_pinned(pin_dir, names::SERVICES)?.try_into()?,
+            backends: open_pinned(pin_dir, names::BACKENDS)?.try_into()?,
+            rev_nat: open_pinned(pin_dir, names::REV_NAT)?.try_into()?,
+            node_addrs: open_pinned(pin_dir, names::NODE_ADDRS)?.try_into()?,
+            config: open_pinned(pin_dir, names::CONFIG)?.try_into()?,
+            capacities,
+        })
+    }
+
+    /// The node config as the datapath holds it.
+    pub fn config(&self) -> Result<NodeConfig> {
+        Ok(self.config.get(&0, 0)?)
+    }
+
+    fn write(&mut self, op: &Op) -> Result<(), MapError> {
+        match op {
+            Op::PutConfig(c) => self.config.set(0, c, 0),
+            Op::PutNodeAddr(k, v) => self.node_addrs.insert(k, v, 0),
+            Op::PutBackend(k, v) => self.backends.insert(k, v, 0),
+            Op::PutRevNat(k, v) => self.rev_nat.insert(k, v, 0),
+            Op::PutService(k, v) => self.services.insert(k, v, 0),
+            Op::DelService(k) => ignore_missing(self.services.remove(k)),
+            Op::DelRevNat(k) => ignore_missing(self.rev_nat.remove(k)),
+            Op::DelBackend(k) => ignore_missing(self.backends.remove(k)),
+            Op::DelNodeAddr(k) => ignore_missing(self.node_addrs.remove(k)),
+        }
+    }
+}
+
+fn map_info(m: &Map) -> Result<u32> {
+    let fd = match m {
+        Map::HashMap(d)
+        | Map::LruHashMap(d)
+        | Map::Array(d)
+        | Map::PerCpuArray(d)
+        | Map::LpmTrie(d) => d,
+        _ => return Err(anyhow!("unexpected map type")),
+    };
+    Ok(fd.info()?.max_entries())
+}
+
+/// Deleting a key that is already gone is success (plans are idempotent).
+fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+fn is_full(e: &MapError) -> bool {
+    matches!(e, MapError::SyscallError(s) if matches!(s.io_error.raw_os_error(), Some(libc::E2BIG) | Some(libc::ENOSPC) | Some(libc::ENOMEM)))
+}
+
+impl Datapath for AyaDatapath {
+    fn apply(&mut self, plan: &Plan) -> ApplyOutcome {
+        for (i, op) in plan.ops.iter().enumerate() {
+            if let Err(e) = self.write(op) {
+                let map = op.map_name();
+                let error = if is_full(&e) {
+                    ApplyError::MapFull {
+                        map,
+                        capacity: self.capacities.get(map).copied().unwrap_or(0),
+                        op: op.clone(),
+                    }
+                } else {
+                    ApplyError::Write {
+                        map,
+                        op: op.clone(),
+                        reason: e.to_string(),
+                    }
+                };
+                return ApplyOutcome {
+                    applied: i,
+                    error: Some(error),
+                };
+            }
+        }
+        ApplyOutcome {
+            applied: plan.ops.len(),
+            error: None,
+        }
+    }
+
+    fn read_image(&self) -> Result<MapImage, String> {
+        let e = |e: MapError| e.to_string();
+        let mut img = MapImage::default();
+        for r in self.services.iter() {
+            let (k, v) = r.map_err(e)?;
+            img.services.insert(k, v);
+        }
+        for r in self.backends.iter() {
+            let (k, v) = r.map_err(e)?;
+            img.backends.insert(k, v);
+        }
+        for r in self.rev_nat.iter() {
+            let (k, v) = r.map_err(e)?;
+            img.rev_nat.insert(k, v);
+        }
+        for r in self.node_addrs.iter() {
+            let (k, v) = r.map_err(e)?;
+            img.node_addrs.insert(k, v);
+        }
+        let c = self.config.get(&0, 0).map_err(e)?;
+        if c != NodeConfig::default() {
+            img.config = Some(c);
+        }
+        Ok(img)
+    }
+
+    fn capacities(&self) -> BTreeMap<&'static str, u32> {
+        self.capacities.clone()
+    }
+}
+
+/// Sums a per-CPU counter array (the METRICS map) by index.
+pub fn read_counters(pin_dir: &Path) -> Result<BTreeMap<u32, Counter>> {
+    let m: PerCpuArray<MapData, Counter> = open_pinned(pin_dir, names::METRICS)?.try_into()?;
+    let mut out = BTreeMap::new();
+    for i in 0..m.len() {
+        let vals = m.get(&i, 0)?;
+        let mut sum = Counter::default();
+        for v in vals.iter() {
+            sum.packets += v.packets;
+            sum.bytes += v.bytes;
+        }
+        if sum.packets != 0 {
+            out.insert(i, sum);
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,300 @@
+//! The real datapath: load the embedded eBPF object, pin its maps and links under a
+//! per-instance bpffs directory, attach programs to interfaces, and write maps through
+//! [`weir_core::datapath::Datapath`].
+//!
+//! # Pin layout
+//! ```text
+//! /sys/fs/bpf/weir/<instance>/maps/<MAP>                 every map (adopted on restart)
+//! /sys/fs/bpf/weir/<instance>/links/<ifindex>_<ifname>_<hook>   TCX links (survive the agent)
+//! ```
+//! A restarted agent reopens the pinned maps (after checking that their key size, value
+//! size, type and capacity still match this build) and swaps its freshly loaded programs
+//! into the pinned links atomically (`bpf_link_update`), so traffic never sees a gap.
+
+pub mod maps;
+mod pins;
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+    },
+};
+use tracing::{debug, info, warn};
+
+pub use self::{maps::AyaDatapath, pins::PinDir};
+
+/// The eBPF object built by build.rs.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weir-dataplane"));
+
+/// Default bpffs root for weir's pins.
+pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/weir";
+
+/// Where a TC program attaches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Hook {
+    /// Host side of a pod veth, ingress: packets from the pod.
+    FromPod,
+    /// Host side of a pod veth, egress: packets to the pod.
+    ToPod,
+    /// Node uplink, ingress.
+    UplinkIn,
+}
+
+impl Hook {
+    pub fn program(self) -> &'static str {
+        match self {
+            Hook::FromPod => "tc_from_pod",
+            Hook::ToPod => "tc_to_pod",
+            Hook::UplinkIn => "tc_uplink_in",
+        }
+    }
+
+    fn attach_type(self) -> TcAttachType {
+        match self {
+            Hook::FromPod | Hook::UplinkIn => TcAttachType::Ingress,
+            Hook::ToPod => TcAttachType::Egress,
+        }
+    }
+
+    fn pin_suffix(self) -> &'static str {
+        match self {
+            Hook::FromPod => "frompod",
+            Hook::ToPod => "topod",
+            Hook::UplinkIn => "uplinkin",
+        }
+    }
+
+    pub const ALL: [Hook; 3] = [Hook::FromPod, Hook::ToPod, Hook::UplinkIn];
+}
+
+/// Options for loading the datapath.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Per-instance pin directory (`<bpffs root>/<instance>`).
+    pub pin_dir: PathBuf,
+    /// Capacity overrides by map name.
+    pub capacities: BTreeMap<String, u32>,
+}
+
+/// A loaded datapath: programs in the kernel, maps pinned.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    pins: PinDir,
+    /// Interfaces with attached hooks (their links are pinned; this is bookkeeping).
+    attached: BTreeMap<(String, Hook), ()>,
+    capacities: BTreeMap<&'static str, u32>,
+}
+
+/// The effective capacity of every map.
+pub fn effective_capacities(overrides: &BTreeMap<String, u32>) -> BTreeMap<&'static str, u32> {
+    weir_common::maps::ALL
+        .iter()
+        .map(|(name, def)| (*name, overrides.get(*name).copied().unwrap_or(*def)))
+        .collect()
+}
+
+impl Dataplane {
+    /// Loads the programs and creates or adopts the pinned maps.
+    pub fn load(opts: &LoadOptions) -> Result<Dataplane> {
+        if OBJECT.is_empty() {
+            bail!("this weir binary was built with AYA_BUILD_SKIP=1 and carries no eBPF object");
+        }
+        pins::ensure_bpffs()?;
+        let pins = PinDir::new(&opts.pin_dir);
+        pins.create()?;
+        let capacities = effective_capacities(&opts.capacities);
+        for (name, cap) in &capacities {
+            if *cap == 0 {
+                bail!("map {name}: capacity must be at least 1");
+            }
+        }
+        pins.check_compatible(&capacities)?;
+
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(pins.maps_dir());
+        for (name, cap) in &capacities {
+            loader.map_max_entries(name, *cap);
+        }
+        let mut ebpf = loader.load(OBJECT).with_context(|| {
+            format!(
+                "loading the eBPF object (maps pinned under {})",
+                pins.maps_dir().display()
+            )
+        })?;
+        if let Err(e) = aya_log::EbpfLogger::init(&mut ebpf) {
+            // The object may carry no log statements on this build; not an error.
+            debug!("aya-log not initialised: {e}");
+        }
+        for hook in Hook::ALL {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(hook.program())
+                .ok_or_else(|| anyhow!("program {} missing from the eBPF object", hook.program()))?
+                .try_into()?;
+            prog.load()
+                .with_context(|| format!("verifier rejected program {}", hook.program()))?;
+        }
+        info!(pin_dir = %opts.pin_dir.display(), "datapath loaded");
+        Ok(Dataplane {
+            ebpf,
+            pins,
+            attached: BTreeMap::new(),
+            capacities,
+        })
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        self.pins.root()
+    }
+
+    /// Attaches `hook` to `ifname`, reusing (and atomically updating) a pinned link when
+    /// one exists from an earlier agent.
+    pub fn attach(&mut self, ifname: &str, hook: Hook) -> Result<()> {
+        if self.attached.contains_key(&(ifname.to_string(), hook)) {
+            return Ok(());
+        }
+        // The ifindex is part of the pin name: an interface that was deleted and
+        // recreated under the same name (a restarted pod) has a new ifindex, so a stale
+        // link of the old one is never adopted for it.
+        let ifindex = ifindex(ifname)?;
+        let pin = self.pins.link_path(ifname, ifindex, hook.pin_suffix());
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(hook.program())
+            .ok_or_else(|| anyhow!("program {} missing", hook.program()))?
+            .try_into()?;
+        let adopted = match PinnedLink::from_pin(&pin) {
+            Ok(old) => {
+                let fd: FdLink = old.into();
+                let link = SchedClassifierLink::try_from(fd)?;
+                match prog.attach_to_link(link) {
+                    Ok(id) => {
+                        // Take the link out of the program's link map (which detaches
+                        // on drop); dropping the fd then only closes it, and the pin
+                        // keeps the link attached.
+                        let link = prog.take_link(id)?;
+                        drop(FdLink::try_from(link)?);
+                        true
+                    }
+                    Err(e) => {
+                        warn!(ifname, "pinned link not adoptable ({e}); attaching anew");
+                        let _ = std::fs::remove_file(&pin);
+                        false
+                    }
+                }
+            }
+            Err(_) => false,
+        };
+        if !adopted {
+            let id = prog
+                .attach_with_options(
+                    ifname,
+                    hook.attach_type(),
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .with_context(|| format!("attaching {} to {ifname}", hook.program()))?;
+            let link = prog.take_link(id)?;
+            let fd: FdLink = link.try_into()?;
+            fd.pin(&pin)
+                .with_context(|| format!("pinning link {}", pin.display()))?;
+        }
+        debug!(ifname, ?hook, adopted, "attached");
+        self.attached.insert((ifname.to_string(), hook), ());
+        Ok(())
+    }
+
+    /// Detaches every hook of `ifname` (removes its pinned links).
+    pub fn detach_all(&mut self, ifname: &str) {
+        let idx = ifindex(ifname).ok();
+        for (_, i, _, path) in self.pins.links() {
+            if Some(i) == idx {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        for hook in Hook::ALL {
+            self.attached.remove(&(ifname.to_string(), hook));
+        }
+    }
+
+    /// Forgets interfaces that no longer exist and removes their pinned links.
+    pub fn prune_links(&mut self) {
+        for (ifname, idx, suffix, path) in self.pins.links() {
+            if ifname_of(idx).map(|n| n.replace('.', "_")) != Some(ifname.clone()) {
+                debug!(
+                    ifname,
+                    idx, suffix, "removing link pin of a vanished interface"
+                );
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        // Forget attachments whose interface is gone (or was recreated with a new index).
+        self.attached.retain(|(name, _), _| ifindex(name).is_ok());
+    }
+
+    pub fn attached(&self) -> impl Iterator<Item = &(String, Hook)> {
+        self.attached.keys()
+    }
+
+    /// The map writer over this datapath's maps.
+    pub fn datapath(&mut self) -> Result<AyaDatapath> {
+        AyaDatapath::take(&mut self.ebpf, self.capacities.clone())
+    }
+
+    /// Loaded program handle (tests use it for BPF_PROG_TEST_RUN).
+    pub fn program(&self, hook: Hook) -> Result<&SchedClassifier> {
+        Ok(self
+            .ebpf
+            .program(hook.program())
+            .ok_or_else(|| anyhow!("program {} missing", hook.program()))?
+            .try_into()?)
+    }
+
+    /// Removes every pin (maps and links): the datapath goes away once this process
+    /// drops its handles.
+    pub fn remove_pins(&self) -> Result<()> {
+        self.pins.remove_all()
+    }
+}
+
+impl Drop for Dataplane {
+    fn drop(&mut self) {
+        if !self.attached.is_empty() {
+            debug!(
+                n = self.attached.len(),
+                "dataplane handle dropped; pinned links stay attached"
+            );
+        }
+    }
+}
+
+/// Name of the interface with this index in the current network namespace.
+pub fn ifname_of(idx: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    let p = unsafe { libc::if_indextoname(idx, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    Some(
+        unsafe { std::ffi::CStr::from_ptr(p) }
+            .to_string_lossy()
+            .into_owned(),
+    )
+}
+
+/// ifindex of an interface in the current network namespace.
+pub fn ifindex(ifname: &str) -> Result<u32> {
+    let c = std::ffi::CString::new(ifname)?;
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if i == 0 {
+        bail!("no interface named {ifname}");
+    }
+    Ok(i)
+}

@@ -1,0 +1,27 @@
+//! # weir: the node agent and CLI
+//!
+//! weir replaces kube-proxy and enforces NetworkPolicy with eBPF programs; this crate is
+//! the userspace side: it loads the programs, keeps the maps equal to what the cluster
+//! says, and lets people look inside.
+//!
+//! # Layout
+//! - [`agent`]: the node daemon's loop (source -> pipeline -> plan -> datapath).
+//! - [`datapath`]: loading, pinning and attaching the eBPF object; [`datapath::AyaDatapath`]
+//!   implements `weir_core::datapath::Datapath` over the real maps.
+//! - [`source`]: cluster state from a directory of Kubernetes YAML (and the API server),
+//!   converted into `weir_core::model`.
+//! - [`netns`]: namespaces, links and child processes for the demo, lab and tests.
+//! - [`serve`]: the identity server lab pods run.
+//! - [`demo`]: the walking-skeleton demo (one node, one ClusterIP, two backends).
+//! - [`logging`]: tracing setup (text or JSON).
+//!
+//! The pure pipeline (translate, compile, diff) lives in the `weir-core` crate; the map
+//! ABI in `weir-common`.
+
+pub mod agent;
+pub mod datapath;
+pub mod demo;
+pub mod logging;
+pub mod netns;
+pub mod serve;
+pub mod source;

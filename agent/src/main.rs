@@ -1,0 +1,198 @@
+//! The `weir` command: the node agent, the demo, and the inspection tools.
+
+use std::{collections::BTreeMap, path::PathBuf, time::Duration};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+use weir::{
+    agent::{self, AgentConfig, OnExit},
+    datapath::DEFAULT_BPFFS_ROOT,
+    logging::{self, LogFormat},
+};
+
+#[derive(Parser)]
+#[command(
+    name = "weir",
+    version,
+    about = "An eBPF kube-proxy replacement and NetworkPolicy enforcer"
+)]
+struct Cli {
+    /// Log level filter (also RUST_LOG), e.g. info, debug, weir=debug.
+    #[arg(long, global = true, default_value = "info")]
+    log_level: String,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the node agent.
+    Agent(AgentArgs),
+    /// Show weir balancing a ClusterIP in a throwaway network namespace.
+    Demo {
+        /// Number of connections to make.
+        #[arg(long, default_value_t = 20)]
+        connections: usize,
+    },
+    /// Remove an instance's pinned maps and links.
+    Cleanup {
+        #[arg(long)]
+        pin_dir: PathBuf,
+    },
+    /// Run the identity server used by lab pods.
+    #[command(hide = true)]
+    Serve {
+        #[arg(long)]
+        identity: String,
+        /// Enter this network namespace first.
+        #[arg(long)]
+        netns: Option<String>,
+        #[arg(long, value_delimiter = ',')]
+        bind: Vec<std::net::IpAddr>,
+        #[arg(long, value_delimiter = ',')]
+        tcp: Vec<u16>,
+        #[arg(long, value_delimiter = ',')]
+        udp: Vec<u16>,
+    },
+}
+
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// Name of the node this agent programs (endpoints on it are local).
+    #[arg(long, env = "WEIR_NODE_NAME")]
+    node_name: String,
+    /// Read cluster objects from this directory of Kubernetes YAML (reloaded on change).
+    #[arg(long)]
+    source_dir: PathBuf,
+    /// bpffs directory for this instance's pinned maps and links.
+    #[arg(long)]
+    pin_dir: Option<PathBuf>,
+    /// Glob patterns of the host-side pod interfaces to attach to.
+    #[arg(long, value_delimiter = ',', default_value = "lxc*,cali*,veth*")]
+    pod_ifaces: Vec<String>,
+    /// Glob patterns of the node's uplink interfaces.
+    #[arg(long, value_delimiter = ',', default_value = "eth0")]
+    uplinks: Vec<String>,
+    /// Keep or remove the pinned datapath when the agent exits on SIGTERM/SIGINT.
+    #[arg(long, value_enum, default_value_t = OnExit::Keep)]
+    on_exit: OnExit,
+    /// Map capacity overrides, NAME=ENTRIES (e.g. CT=1048576).
+    #[arg(long = "map-size", value_parser = parse_kv)]
+    map_sizes: Vec<(String, u32)>,
+    /// How often to poll the source and the interface list.
+    #[arg(long, default_value_t = 200)]
+    poll_ms: u64,
+    /// Quiet time after a change before programming (batches bursts).
+    #[arg(long, default_value_t = 100)]
+    debounce_ms: u64,
+    /// Enter this network namespace (by name, /run/netns) before starting.
+    #[arg(long)]
+    netns: Option<String>,
+}
+
+fn parse_kv(s: &str) -> Result<(String, u32), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=ENTRIES, got {s:?}"))?;
+    let v: u32 = v.parse().map_err(|_| format!("{v:?} is not a number"))?;
+    if !weir_common::maps::ALL.iter().any(|(n, _)| *n == k) {
+        return Err(format!(
+            "unknown map {k:?}; maps: {}",
+            weir_common::maps::ALL
+                .iter()
+                .map(|(n, _)| *n)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    Ok((k.to_string(), v))
+}
+
+fn main() {
+    let cli = Cli::parse();
+    logging::init(&cli.log_level, cli.log_format);
+    if let Err(e) = real_main(cli) {
+        eprintln!("weir: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn real_main(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Agent(a) => {
+            // setns must happen before the runtime spawns its threads: new threads inherit
+            // the namespace of the thread that creates them.
+            if let Some(ns) = &a.netns {
+                weir::netns::enter(ns)?;
+            }
+            let pin_dir = a
+                .pin_dir
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_BPFFS_ROOT).join(&a.node_name));
+            let cfg = AgentConfig {
+                node_name: a.node_name,
+                source_dir: a.source_dir,
+                pin_dir,
+                pod_ifaces: a.pod_ifaces,
+                uplinks: a.uplinks,
+                on_exit: a.on_exit,
+                capacities: a.map_sizes.into_iter().collect::<BTreeMap<_, _>>(),
+                poll: Duration::from_millis(a.poll_ms.max(10)),
+                debounce: Duration::from_millis(a.debounce_ms),
+                settings_flags: 0,
+            };
+            runtime()?.block_on(agent::run(cfg, shutdown_signal()))
+        }
+        Cmd::Demo { connections } => {
+            let per = weir::demo::run(connections)?;
+            if per.len() < 2 {
+                bail!("only {} backend(s) answered: {per:?}", per.len());
+            }
+            Ok(())
+        }
+        Cmd::Cleanup { pin_dir } => {
+            if !pin_dir.starts_with("/sys/fs/bpf") {
+                bail!(
+                    "refusing to remove {}: not under /sys/fs/bpf",
+                    pin_dir.display()
+                );
+            }
+            std::fs::remove_dir_all(&pin_dir)
+                .with_context(|| format!("removing {}", pin_dir.display()))
+        }
+        Cmd::Serve {
+            identity,
+            netns,
+            bind,
+            tcp,
+            udp,
+        } => {
+            if let Some(ns) = &netns {
+                weir::netns::enter(ns)?;
+            }
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(weir::serve::serve(identity, bind, tcp, udp))
+        }
+    }
+}

@@ -1,0 +1,33 @@
+//! Map names (the BPF object's symbol names; userspace finds maps by them) and default
+//! capacities. The agent may override every capacity at load time.
+
+pub const SERVICES: &str = "SERVICES";
+pub const BACKENDS: &str = "BACKENDS";
+pub const REV_NAT: &str = "REV_NAT";
+pub const AFFINITY: &str = "AFFINITY";
+pub const MAGLEV: &str = "MAGLEV";
+pub const CT: &str = "CT";
+pub const METRICS: &str = "METRICS";
+pub const CONFIG: &str = "CONFIG";
+pub const NODE_ADDRS: &str = "NODE_ADDRS";
+
+pub const DEFAULT_SERVICES_MAX: u32 = 65536;
+pub const DEFAULT_BACKENDS_MAX: u32 = 65536;
+pub const DEFAULT_REV_NAT_MAX: u32 = 65536;
+pub const DEFAULT_AFFINITY_MAX: u32 = 65536;
+pub const DEFAULT_MAGLEV_MAX: u32 = 65536;
+pub const DEFAULT_CT_MAX: u32 = 262144;
+pub const DEFAULT_NODE_ADDRS_MAX: u32 = 64;
+
+/// Every map the agent pins, with its default capacity (for capacity metrics and flags).
+pub const ALL: &[(&str, u32)] = &[
+    (SERVICES, DEFAULT_SERVICES_MAX),
+    (BACKENDS, DEFAULT_BACKENDS_MAX),
+    (REV_NAT, DEFAULT_REV_NAT_MAX),
+    (AFFINITY, DEFAULT_AFFINITY_MAX),
+    (MAGLEV, DEFAULT_MAGLEV_MAX),
+    (CT, DEFAULT_CT_MAX),
+    (METRICS, crate::metrics::REASON_MAX * 2),
+    (CONFIG, 1),
+    (NODE_ADDRS, DEFAULT_NODE_ADDRS_MAX),
+];

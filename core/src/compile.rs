@@ -1,0 +1,314 @@
+//! Desired state -> [`MapImage`], with stable ids.
+//!
+//! Ids must not move while traffic flows: conntrack entries name a backend by id and the
+//! affinity map names a frontend by its rev-NAT id. [`IdAllocator`] hands out the same
+//! id to the same backend (address, port, protocol) and frontend for as long as they
+//! exist, and is seeded from the pinned maps when the agent restarts.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use weir_common::{Addr, lb::*};
+
+use crate::{
+    image::MapImage,
+    model::Protocol,
+    services::{BackendAddr, Frontend, FrontendAddr},
+};
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum CompileError {
+    #[error("{what} id space exhausted")]
+    IdsExhausted { what: &'static str },
+    #[error("frontend {frontend} has {count} backends; at most {max} fit in one frontend")]
+    TooManyBackends {
+        frontend: String,
+        count: usize,
+        max: usize,
+    },
+}
+
+/// Identity of a frontend for rev-NAT id allocation.
+pub type FrontendId = (FrontendAddr, u16, Protocol);
+
+#[derive(Debug, Clone)]
+struct Ids<K: Ord> {
+    by_key: BTreeMap<K, u32>,
+    used: BTreeSet<u32>,
+    next: u32,
+}
+
+impl<K: Ord> Default for Ids<K> {
+    fn default() -> Self {
+        Self {
+            by_key: BTreeMap::new(),
+            used: BTreeSet::new(),
+            next: 1,
+        }
+    }
+}
+
+impl<K: Ord + Clone> Ids<K> {
+    fn get_or_alloc(&mut self, k: &K, what: &'static str) -> Result<u32, CompileError> {
+        if let Some(id) = self.by_key.get(k) {
+            return Ok(*id);
+        }
+        // Ids start at 1 (0 means "none" in the ABI). Search upward from a moving hint,
+        // wrapping once, so freed ids are reused without a scan from 1 every time.
+        let start = self.next.max(1);
+        let mut id = start;
+        loop {
+            if !self.used.contains(&id) {
+                break;
+            }
+            id = if id == u32::MAX { 1 } else { id + 1 };
+            if id == start {
+                return Err(CompileError::IdsExhausted { what });
+            }
+        }
+        self.used.insert(id);
+        self.by_key.insert(k.clone(), id);
+        self.next = id.wrapping_add(1);
+        Ok(id)
+    }
+
+    fn release(&mut self, k: &K) {
+        if let Some(id) = self.by_key.remove(k) {
+            self.used.remove(&id);
+        }
+    }
+
+    fn seed(&mut self, k: K, id: u32) {
+        self.used.insert(id);
+        self.by_key.insert(k, id);
+        self.next = self.next.max(id.wrapping_add(1));
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct IdAllocator {
+    backends: Ids<BackendAddr>,
+    frontends: Ids<FrontendId>,
+}
+
+impl IdAllocator {
+    /// Seeds the allocator from what the maps already hold (agent restart).
+    pub fn seed_from(&mut self, img: &MapImage) {
+        for (id, be) in &img.backends {
+            if let Some(p) = Protocol::from_number(be.proto) {
+                self.backends.seed(
+                    BackendAddr {
+                        addr: be.addr.to_ip(),
+                        port: u16::from_be(be.port_be),
+                        protocol: p,
+                    },
+                    *id,
+                );
+            }
+        }
+        for (id, rn) in &img.rev_nat {
+            if let Some(p) = Protocol::from_number(rn.proto) {
+                self.frontends.seed(
+                    (frontend_addr_of(&rn.addr), u16::from_be(rn.port_be), p),
+                    *id,
+                );
+            }
+        }
+    }
+
+    pub fn backend_id(&mut self, b: &BackendAddr) -> Result<u32, CompileError> {
+        self.backends.get_or_alloc(b, "backend")
+    }
+
+    pub fn frontend_id(&mut self, f: &FrontendId) -> Result<u32, CompileError> {
+        self.frontends.get_or_alloc(f, "frontend")
+    }
+
+    pub fn release_backend(&mut self, b: &BackendAddr) {
+        self.backends.release(b)
+    }
+
+    pub fn release_frontend(&mut self, f: &FrontendId) {
+        self.frontends.release(f)
+    }
+
+    /// Releases every id that `img` does not use.
+    pub fn retain(&mut self, img: &MapImage) {
+        let gone: Vec<BackendAddr> = self
+            .backends
+            .by_key
+            .iter()
+            .filter(|(_, id)| !img.backends.contains_key(id))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for b in gone {
+            self.backends.release(&b);
+        }
+        let gone: Vec<FrontendId> = self
+            .frontends
+            .by_key
+            .iter()
+            .filter(|(_, id)| !img.rev_nat.contains_key(id))
+            .map(|(k, _)| *k)
+            .collect();
+        for f in gone {
+            self.frontends.release(&f);
+        }
+    }
+
+    pub fn known_backend(&self, b: &BackendAddr) -> Option<u32> {
+        self.backends.by_key.get(b).copied()
+    }
+}
+
+/// The map address of a frontend.
+pub fn frontend_map_addr(a: &FrontendAddr) -> Addr {
+    match a {
+        FrontendAddr::Ip(ip) => Addr::from_ip(*ip),
+        FrontendAddr::AnyNodeV4 => Addr::V4_ANY,
+        FrontendAddr::AnyNodeV6 => Addr::V6_ANY,
+    }
+}
+
+fn frontend_addr_of(a: &Addr) -> FrontendAddr {
+    if *a == Addr::V4_ANY {
+        FrontendAddr::AnyNodeV4
+    } else if *a == Addr::V6_ANY {
+        FrontendAddr::AnyNodeV6
+    } else {
+        FrontendAddr::Ip(a.to_ip())
+    }
+}
+
+pub fn backend_value(b: &BackendAddr, local: bool) -> Backend {
+    Backend {
+        addr: Addr::from_ip(b.addr),
+        port_be: b.port.to_be(),
+        proto: b.protocol.number(),
+        flags: if local { BE_F_LOCAL } else { 0 },
+        pad: 0,
+    }
+}
+
+/// Slots are numbered 1..=u16::MAX in the ABI.
+const MAX_SLOTS: usize = u16::MAX as usize;
+
+/// Compiles one Service's frontends into its part of the map image. `local_addrs` are
+/// the addresses of this node's pods (to mark local backends).
+pub fn compile_frontends(
+    frontends: &[Frontend],
+    ids: &mut IdAllocator,
+    local_backends: &BTreeSet<IpAddr>,
+) -> Result<MapImage, CompileError> {
+    let mut img = MapImage::default();
+    let mut cluster_ips: BTreeSet<Addr> = BTreeSet::new();
+    for fe in frontends {
+        for (set, n) in [(&fe.cluster, fe.cluster.len()), (&fe.local, fe.local.len())] {
+            if n > MAX_SLOTS {
+                return Err(CompileError::TooManyBackends {
+                    frontend: format!("{:?}:{}/{}", fe.addr, fe.port, fe.protocol),
+                    count: set.len(),
+                    max: MAX_SLOTS,
+                });
+            }
+        }
+        let addr = frontend_map_addr(&fe.addr);
+        let proto = fe.protocol.number();
+        let port_be = fe.port.to_be();
+        let rev_nat_id = ids.frontend_id(&(fe.addr, fe.port, fe.protocol))?;
+        img.rev_nat.insert(
+            rev_nat_id,
+            RevNat {
+                addr,
+                port_be,
+                proto,
+                pad: [0; 5],
+            },
+        );
+        let key = |scope: u8, slot: u16| ServiceKey {
+            addr,
+            port_be,
+            proto,
+            scope,
+            slot,
+            pad: [0; 2],
+        };
+        for (scope, set) in [(SCOPE_CLUSTER, &fe.cluster), (SCOPE_LOCAL, &fe.local)] {
+            for (i, b) in set.iter().enumerate() {
+                let id = ids.backend_id(b)?;
+                img.backends
+                    .insert(id, backend_value(b, local_backends.contains(&b.addr)));
+                img.services.insert(
+                    key(scope, (i + 1) as u16),
+                    ServiceValue {
+                        backend_id: id,
+                        ..Default::default()
+                    },
+                );
+            }
+        }
+        let mut flags = 0;
+        if fe.kind.is_external() {
+            flags |= SVC_F_EXTERNAL;
+        }
+        if fe.kind == crate::services::FrontendKind::NodePort {
+            flags |= SVC_F_NODEPORT;
+        }
+        if fe.kind == crate::services::FrontendKind::LoadBalancer {
+            flags |= SVC_F_LOADBALANCER;
+        }
+        if fe.policy_local {
+            flags |= SVC_F_LOCAL;
+        }
+        if fe.affinity_timeout_s.is_some() {
+            flags |= SVC_F_AFFINITY;
+        }
+        if fe.maglev {
+            flags |= SVC_F_MAGLEV;
+        }
+        if fe.has_endpoints {
+            flags |= SVC_F_HAS_ENDPOINTS;
+        }
+        if fe.masquerade {
+            flags |= SVC_F_MASQ;
+        }
+        if !fe.source_ranges.is_empty() {
+            flags |= SVC_F_SRC_RANGES;
+        }
+        img.services.insert(
+            key(SCOPE_CLUSTER, 0),
+            ServiceValue {
+                backend_id: 0,
+                count: fe.cluster.len() as u16,
+                local_count: fe.local.len() as u16,
+                rev_nat_id,
+                flags,
+                affinity_timeout_s: fe.affinity_timeout_s.unwrap_or(0),
+                pad: 0,
+            },
+        );
+        if fe.kind == crate::services::FrontendKind::ClusterIP {
+            cluster_ips.insert(addr);
+        }
+    }
+    // The address-wide marker of each ClusterIP: a port the Service lacks is rejected.
+    for addr in cluster_ips {
+        img.services.insert(
+            ServiceKey {
+                addr,
+                port_be: 0,
+                proto: 0,
+                scope: SCOPE_CLUSTER,
+                slot: 0,
+                pad: [0; 2],
+            },
+            ServiceValue {
+                flags: SVC_F_VIP_MARKER,
+                ..Default::default()
+            },
+        );
+    }
+    Ok(img)
+}

@@ -1,0 +1,47 @@
+//! [`MapImage`]: the exact keys and values the maps should hold (or do hold, when read
+//! back from a running datapath). Ordered maps so that dumps and diffs are stable.
+
+use std::collections::BTreeMap;
+
+use weir_common::{
+    Addr,
+    config::{NodeAddrValue, NodeConfig},
+    lb::{Backend, RevNat, ServiceKey, ServiceValue},
+};
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapImage {
+    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    pub backends: BTreeMap<u32, Backend>,
+    pub rev_nat: BTreeMap<u32, RevNat>,
+    pub node_addrs: BTreeMap<Addr, NodeAddrValue>,
+    pub config: Option<NodeConfig>,
+}
+
+impl MapImage {
+    /// Adds every entry of `other` (entries of `other` win on equal keys).
+    pub fn merge(&mut self, other: &MapImage) {
+        self.services
+            .extend(other.services.iter().map(|(k, v)| (*k, *v)));
+        self.backends
+            .extend(other.backends.iter().map(|(k, v)| (*k, *v)));
+        self.rev_nat
+            .extend(other.rev_nat.iter().map(|(k, v)| (*k, *v)));
+        self.node_addrs
+            .extend(other.node_addrs.iter().map(|(k, v)| (*k, *v)));
+        if other.config.is_some() {
+            self.config = other.config;
+        }
+    }
+
+    /// Entry counts per map, for capacity checks and metrics.
+    pub fn counts(&self) -> BTreeMap<&'static str, usize> {
+        use weir_common::maps::*;
+        BTreeMap::from([
+            (SERVICES, self.services.len()),
+            (BACKENDS, self.backends.len()),
+            (REV_NAT, self.rev_nat.len()),
+            (NODE_ADDRS, self.node_addrs.len()),
+        ])
+    }
+}

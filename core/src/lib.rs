@@ -1,0 +1,30 @@
+//! # weir-core: the pure pipeline
+//!
+//! Cluster objects in, ordered map operations out, with no privileges and no aya or kube
+//! types, so that all of it can be tested as plain Rust (see ../shared/DESIGN.md):
+//!
+//! ```text
+//! model::Cluster --translate--> DesiredState --compile--> MapImage --diff--> Plan --Datapath::apply-->
+//! ```
+//!
+//! # Layout
+//! - [`model`]: plain Rust mirrors of the Kubernetes objects weir reads (the agent's
+//!   sources convert kube/k8s-openapi objects into these).
+//! - [`services`]: translate Services and EndpointSlices into frontends and backend sets
+//!   by the upstream kube-proxy rules.
+//! - [`image`]: [`image::MapImage`], the exact contents the maps should hold.
+//! - [`compile`]: desired state -> map image, with stable ids ([`compile::IdAllocator`]).
+//! - [`plan`]: diff two images into an ordered, make-before-break [`plan::Plan`].
+//! - [`pipeline`]: the per-node pipeline with a per-Service cache.
+//! - [`datapath`]: the [`datapath::Datapath`] trait every map write goes through, and the
+//!   fake implementations tests use.
+
+pub mod compile;
+pub mod datapath;
+pub mod image;
+pub mod model;
+pub mod pipeline;
+pub mod plan;
+pub mod services;
+
+pub use weir_common as abi;

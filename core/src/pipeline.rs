@@ -1,0 +1,169 @@
+//! The whole pipeline for one node: cluster snapshot -> desired [`MapImage`].
+//!
+//! Work is split per Service (translate + compile depend only on one Service, its slices
+//! and this node), and [`Pipeline`] caches each Service's compiled image keyed by its
+//! inputs, so a sync after one EndpointSlice change recompiles one Service.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use weir_common::{
+    Addr,
+    config::{NodeAddrValue, NodeConfig},
+};
+
+use crate::{
+    compile::{CompileError, IdAllocator, compile_frontends},
+    image::MapImage,
+    model::{Cluster, EndpointSlice, ObjRef, Service},
+    services::{NodeContext, translate_service},
+};
+
+/// Node-level settings of the datapath that do not come from cluster objects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeSettings {
+    pub node_name: String,
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+    /// `CFG_F_*` flags.
+    pub flags: u32,
+}
+
+impl Default for NodeSettings {
+    fn default() -> Self {
+        Self {
+            node_name: String::new(),
+            // Above the default ip_local_port_range (32768-60999) so masqueraded flows do
+            // not collide with the node's own connections.
+            snat_port_min: 61000,
+            snat_port_max: 65535,
+            flags: 0,
+        }
+    }
+}
+
+/// A Service that could not be programmed; its previous state (if any) is kept.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("Service {service}: {error}")]
+pub struct ServiceError {
+    pub service: ObjRef,
+    pub error: CompileError,
+}
+
+#[derive(Default)]
+struct Cached {
+    inputs: Option<(Service, Vec<EndpointSlice>, NodeContext, BTreeSet<IpAddr>)>,
+    image: MapImage,
+}
+
+#[derive(Default)]
+pub struct Pipeline {
+    pub settings: NodeSettings,
+    pub ids: IdAllocator,
+    cache: BTreeMap<ObjRef, Cached>,
+}
+
+impl Pipeline {
+    pub fn new(settings: NodeSettings) -> Self {
+        Self {
+            settings,
+            ..Default::default()
+        }
+    }
+
+    /// The desired image for `cluster`, and the Services that could not be compiled.
+    pub fn desired(&mut self, cluster: &Cluster, generation: u64) -> (MapImage, Vec<ServiceError>) {
+        let node = cluster
+            .nodes
+            .get(&self.settings.node_name)
+            .map(NodeContext::from_node)
+            .unwrap_or_else(|| NodeContext {
+                name: self.settings.node_name.clone(),
+                zone: None,
+            });
+
+        let mut by_service: BTreeMap<ObjRef, Vec<&EndpointSlice>> = BTreeMap::new();
+        let mut local_ips: BTreeSet<IpAddr> = BTreeSet::new();
+        for s in cluster.slices.values() {
+            for e in &s.endpoints {
+                if e.node_name.as_deref() == Some(node.name.as_str()) {
+                    local_ips.extend(e.addresses.iter().copied());
+                }
+            }
+            if let Some(svc) = &s.service {
+                by_service
+                    .entry(ObjRef::new(&s.id.namespace, svc))
+                    .or_default()
+                    .push(s);
+            }
+        }
+
+        let mut img = MapImage::default();
+        let mut errors = Vec::new();
+        self.cache.retain(|k, _| cluster.services.contains_key(k));
+        for (id, svc) in &cluster.services {
+            let slices: Vec<&EndpointSlice> = by_service.get(id).cloned().unwrap_or_default();
+            let locals: BTreeSet<IpAddr> = slices
+                .iter()
+                .flat_map(|s| s.endpoints.iter())
+                .flat_map(|e| e.addresses.iter())
+                .filter(|a| local_ips.contains(a))
+                .copied()
+                .collect();
+            let inputs = (
+                svc.clone(),
+                slices.iter().map(|s| (*s).clone()).collect::<Vec<_>>(),
+                node.clone(),
+                locals,
+            );
+            let entry = self.cache.entry(id.clone()).or_default();
+            if entry.inputs.as_ref() != Some(&inputs) {
+                let fes = translate_service(svc, &slices, &node);
+                match compile_frontends(&fes, &mut self.ids, &inputs.3) {
+                    Ok(i) => {
+                        entry.image = i;
+                        entry.inputs = Some(inputs);
+                    }
+                    Err(error) => {
+                        // Keep what was compiled before for this Service.
+                        errors.push(ServiceError {
+                            service: id.clone(),
+                            error,
+                        });
+                    }
+                }
+            }
+            img.merge(&entry.image);
+        }
+
+        let mut addrs: Vec<IpAddr> = Vec::new();
+        if let Some(n) = cluster.nodes.get(&self.settings.node_name) {
+            addrs.extend(n.internal_ips.iter().chain(n.external_ips.iter()).copied());
+        }
+        for a in &addrs {
+            img.node_addrs
+                .insert(Addr::from_ip(*a), NodeAddrValue { flags: 0 });
+        }
+        let masq = |v4: bool| {
+            addrs
+                .iter()
+                .find(|a| a.is_ipv4() == v4)
+                .map(|a| Addr::from_ip(*a))
+                .unwrap_or_default()
+        };
+        img.config = Some(NodeConfig {
+            masq_v4: masq(true),
+            masq_v6: masq(false),
+            flags: self.settings.flags,
+            snat_port_min: self.settings.snat_port_min,
+            snat_port_max: self.settings.snat_port_max,
+            generation,
+        });
+
+        // Free the ids of backends and frontends nothing refers to any more.
+        self.ids.retain(&img);
+        (img, errors)
+    }
+}

@@ -1,0 +1,147 @@
+//! Diff two map images into an ordered [`Plan`] that never lets a packet see a
+//! half-written Service ("make before break"):
+//!
+//! 1. backends and rev-NAT entries that are new or changed (nothing points at them yet);
+//! 2. backend slots (a slot only becomes reachable once a master entry counts it);
+//! 3. master entries, new or changed (counts grow only after their slots exist, and
+//!    shrink before the slots beyond the new count go away);
+//! 4. deletions: master entries of vanished frontends first, then their slots, then
+//!    rev-NAT entries and backends nobody references any more.
+//!
+//! Node addresses and the node config are written first (a NodePort frontend is looked
+//! up only through a node address) and removed last.
+
+use weir_common::{
+    Addr,
+    config::{NodeAddrValue, NodeConfig},
+    lb::{Backend, RevNat, ServiceKey, ServiceValue},
+};
+
+use crate::image::MapImage;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    PutConfig(NodeConfig),
+    PutNodeAddr(Addr, NodeAddrValue),
+    PutBackend(u32, Backend),
+    PutRevNat(u32, RevNat),
+    PutService(ServiceKey, ServiceValue),
+    DelService(ServiceKey),
+    DelRevNat(u32),
+    DelBackend(u32),
+    DelNodeAddr(Addr),
+}
+
+impl Op {
+    /// The map this op writes.
+    pub fn map_name(&self) -> &'static str {
+        use weir_common::maps::*;
+        match self {
+            Op::PutConfig(_) => CONFIG,
+            Op::PutNodeAddr(..) | Op::DelNodeAddr(_) => NODE_ADDRS,
+            Op::PutBackend(..) | Op::DelBackend(_) => BACKENDS,
+            Op::PutRevNat(..) | Op::DelRevNat(_) => REV_NAT,
+            Op::PutService(..) | Op::DelService(_) => SERVICES,
+        }
+    }
+
+    pub fn is_put(&self) -> bool {
+        matches!(
+            self,
+            Op::PutConfig(_)
+                | Op::PutNodeAddr(..)
+                | Op::PutBackend(..)
+                | Op::PutRevNat(..)
+                | Op::PutService(..)
+        )
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub ops: Vec<Op>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// Applies the plan to an in-memory image (what a correct datapath ends up holding).
+    pub fn apply_to(&self, img: &mut MapImage) {
+        for op in &self.ops {
+            match op {
+                Op::PutConfig(c) => img.config = Some(*c),
+                Op::PutNodeAddr(k, v) => {
+                    img.node_addrs.insert(*k, *v);
+                }
+                Op::PutBackend(k, v) => {
+                    img.backends.insert(*k, *v);
+                }
+                Op::PutRevNat(k, v) => {
+                    img.rev_nat.insert(*k, *v);
+                }
+                Op::PutService(k, v) => {
+                    img.services.insert(*k, *v);
+                }
+                Op::DelService(k) => {
+                    img.services.remove(k);
+                }
+                Op::DelRevNat(k) => {
+                    img.rev_nat.remove(k);
+                }
+                Op::DelBackend(k) => {
+                    img.backends.remove(k);
+                }
+                Op::DelNodeAddr(k) => {
+                    img.node_addrs.remove(k);
+                }
+            }
+        }
+    }
+}
+
+fn puts<'a, K: Ord + Copy + 'a, V: PartialEq + Copy + 'a>(
+    old: &'a std::collections::BTreeMap<K, V>,
+    new: &'a std::collections::BTreeMap<K, V>,
+) -> impl Iterator<Item = (K, V)> + 'a {
+    new.iter()
+        .filter(move |(k, v)| old.get(k) != Some(v))
+        .map(|(k, v)| (*k, *v))
+}
+
+fn dels<'a, K: Ord + Copy + 'a, V: 'a>(
+    old: &'a std::collections::BTreeMap<K, V>,
+    new: &'a std::collections::BTreeMap<K, V>,
+) -> impl Iterator<Item = K> + 'a {
+    old.keys().filter(move |k| !new.contains_key(k)).copied()
+}
+
+/// The ordered operations that turn `old` into `new`.
+pub fn diff(old: &MapImage, new: &MapImage) -> Plan {
+    let mut ops = Vec::new();
+    if let Some(c) = new.config
+        && old.config != Some(c)
+    {
+        ops.push(Op::PutConfig(c));
+    }
+    ops.extend(puts(&old.node_addrs, &new.node_addrs).map(|(k, v)| Op::PutNodeAddr(k, v)));
+    ops.extend(puts(&old.backends, &new.backends).map(|(k, v)| Op::PutBackend(k, v)));
+    ops.extend(puts(&old.rev_nat, &new.rev_nat).map(|(k, v)| Op::PutRevNat(k, v)));
+    let (masters_new, slots_new): (Vec<_>, Vec<_>) =
+        puts(&old.services, &new.services).partition(|(k, _)| k.slot == 0);
+    ops.extend(slots_new.into_iter().map(|(k, v)| Op::PutService(k, v)));
+    ops.extend(masters_new.into_iter().map(|(k, v)| Op::PutService(k, v)));
+    let (masters_gone, slots_gone): (Vec<_>, Vec<_>) =
+        dels(&old.services, &new.services).partition(|k| k.slot == 0);
+    ops.extend(masters_gone.into_iter().map(Op::DelService));
+    ops.extend(slots_gone.into_iter().map(Op::DelService));
+    ops.extend(dels(&old.rev_nat, &new.rev_nat).map(Op::DelRevNat));
+    ops.extend(dels(&old.backends, &new.backends).map(Op::DelBackend));
+    ops.extend(dels(&old.node_addrs, &new.node_addrs).map(Op::DelNodeAddr));
+    Plan { ops }
+}

@@ -1,0 +1,181 @@
+//! The per-packet pipeline shared by the TC entry points.
+//!
+//! Every hook first asks conntrack whether the packet is a reply of a tracked flow
+//! (reverse translation happens at the first hook on the node that sees the reply, so
+//! before routing, which a masqueraded reply needs); then whether it is addressed to a
+//! Service frontend (translate and track); otherwise it passes.
+
+use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_SHOT};
+use weir_common::{ct::*, lb::*, metrics::*};
+
+use crate::{
+    ct, lb,
+    metrics::count,
+    nat::{self, End},
+    parse::{self, FRAG_LATER, Pkt},
+};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    FromPod,
+    ToPod,
+    UplinkIn,
+}
+
+impl Hook {
+    #[inline(always)]
+    fn dir(self) -> u8 {
+        match self {
+            Hook::FromPod => DIR_EGRESS,
+            Hook::ToPod | Hook::UplinkIn => DIR_INGRESS,
+        }
+    }
+}
+
+#[inline(always)]
+pub fn handle(ctx: &aya_ebpf::programs::TcContext, hook: Hook) -> i32 {
+    let pkt = match parse::parse(ctx) {
+        Ok(Some(p)) => p,
+        Ok(None) => return TC_ACT_OK,
+        Err(()) => {
+            count(REASON_PARSE_ERROR, hook.dir(), ctx.len());
+            return TC_ACT_OK;
+        }
+    };
+    if pkt.frag == FRAG_LATER || !pkt.has_ports() {
+        count(REASON_FORWARDED, hook.dir(), pkt.len);
+        return TC_ACT_OK;
+    }
+    if hook == Hook::ToPod {
+        count(REASON_FORWARDED, hook.dir(), pkt.len);
+        return TC_ACT_OK;
+    }
+    match ingress(ctx, &pkt, hook) {
+        Ok(r) => r,
+        Err(reason) => {
+            count(reason, hook.dir(), pkt.len);
+            TC_ACT_SHOT
+        }
+    }
+}
+
+/// Packets entering the node's forwarding path (from a pod, or from an uplink).
+#[inline(always)]
+fn ingress(ctx: &aya_ebpf::programs::TcContext, pkt: &Pkt, hook: Hook) -> Result<i32, u8> {
+    let now = ct::now_ns();
+
+    // 1. A reply of a tracked flow? Reverse its translation.
+    let rkey = ct::reply_key_of(pkt, CT_KIND_FLOW);
+    if let Some(e) = ct::lookup(&rkey) {
+        ct::touch(e, pkt, true, now);
+        let e = unsafe { *e };
+        if e.flags & CT_F_DNAT != 0 {
+            let mut p = *pkt;
+            nat::rewrite(ctx, &p, End::Src, &e.nat_dst, e.nat_dport_be)
+                .map_err(|_| REASON_NAT_FAILED)?;
+            p.src = e.nat_dst;
+            p.sport_be = e.nat_dport_be;
+            if e.flags & CT_F_SNAT != 0 {
+                nat::rewrite(ctx, &p, End::Dst, &e.nat_src, e.nat_sport_be)
+                    .map_err(|_| REASON_NAT_FAILED)?;
+            }
+            count(REASON_REV_TRANSLATED, hook.dir(), pkt.len);
+            return Ok(TC_ACT_OK);
+        }
+        count(REASON_FORWARDED, hook.dir(), pkt.len);
+        return Ok(TC_ACT_OK);
+    }
+
+    // 2. Addressed to a Service frontend? Translate.
+    if let Some((fe, svc)) = lb::lookup_frontend(pkt) {
+        return service(ctx, pkt, hook, &fe, &svc, now);
+    }
+
+    count(REASON_FORWARDED, hook.dir(), pkt.len);
+    Ok(TC_ACT_OK)
+}
+
+#[inline(always)]
+fn service(
+    ctx: &aya_ebpf::programs::TcContext,
+    pkt: &Pkt,
+    hook: Hook,
+    fe: &ServiceKey,
+    svc: &ServiceValue,
+    now: u64,
+) -> Result<i32, u8> {
+    // The connection's backend: kept in the SVC entry so every packet of a connection
+    // goes to the same backend; chosen anew if the entry is stale or its backend is gone.
+    let skey = ct::key_of(pkt, CT_KIND_SVC);
+    let mut chosen: Option<(u32, Backend)> = None;
+    if let Some(e) = ct::lookup(&skey) {
+        let ev = unsafe { *e };
+        if !ct::is_stale(&ev, pkt, now) {
+            if let Some(be) = lb::backend(ev.backend_id) {
+                if be.addr == ev.nat_dst && be.port_be == ev.nat_dport_be {
+                    ct::touch(e, pkt, false, now);
+                    chosen = Some((ev.backend_id, be));
+                }
+            }
+        }
+    }
+    let (be_id, be) = match chosen {
+        Some(c) => c,
+        None => {
+            let (scope, n) = lb::backend_set(svc, hook == Hook::FromPod);
+            let Some(c) = lb::select_random(fe, scope, n) else {
+                // Upstream: no endpoints at all -> reject; endpoints exist but none is
+                // usable here (Local policy) -> drop. Reject generation comes with the
+                // Services issue; until then both drop, counted apart.
+                return Err(if svc.flags & SVC_F_HAS_ENDPOINTS != 0 {
+                    REASON_NO_LOCAL_BACKEND_DROP
+                } else {
+                    REASON_NO_BACKEND_REJECT
+                });
+            };
+            let mut e = ct::new_entry(pkt, now);
+            e.flags |= CT_F_DNAT;
+            e.nat_src = pkt.src;
+            e.nat_sport_be = pkt.sport_be;
+            e.nat_dst = c.1.addr;
+            e.nat_dport_be = c.1.port_be;
+            e.backend_id = c.0;
+            e.rev_nat_id = svc.rev_nat_id;
+            ct::insert(&skey, &e).map_err(|_| REASON_CT_FULL)?;
+            c
+        }
+    };
+
+    // The flow as it will be on the wire, tracked so that replies find their way back.
+    let fkey = weir_common::ct::CtKey {
+        src: pkt.src,
+        dst: be.addr,
+        sport_be: pkt.sport_be,
+        dport_be: be.port_be,
+        proto: pkt.proto,
+        kind: CT_KIND_FLOW,
+        pad: [0; 2],
+    };
+    let fresh = match ct::lookup(&fkey) {
+        Some(e) if !ct::is_stale(unsafe { &*e }, pkt, now) => {
+            ct::touch(e, pkt, false, now);
+            false
+        }
+        _ => true,
+    };
+    if fresh {
+        let mut e = ct::new_entry(pkt, now);
+        e.flags |= CT_F_DNAT;
+        e.nat_src = pkt.src;
+        e.nat_sport_be = pkt.sport_be;
+        e.nat_dst = pkt.dst;
+        e.nat_dport_be = pkt.dport_be;
+        e.backend_id = be_id;
+        e.rev_nat_id = svc.rev_nat_id;
+        ct::insert(&fkey, &e).map_err(|_| REASON_CT_FULL)?;
+    }
+
+    nat::rewrite(ctx, pkt, End::Dst, &be.addr, be.port_be).map_err(|_| REASON_NAT_FAILED)?;
+    count(REASON_TRANSLATED, hook.dir(), pkt.len);
+    Ok(TC_ACT_OK)
+}

@@ -1,0 +1,66 @@
+//! weir's eBPF programs. Entry points stay thin; the logic lives in the modules:
+//!
+//! - `parse`: packet headers into a [`parse::Pkt`] (offsets and the 5-tuple, both families).
+//! - `maps`: every map, by the names in `weir_common::maps`.
+//! - `ct`: connection tracking lookups and updates.
+//! - `lb`: frontend lookup and backend selection.
+//! - `nat`: header rewrites with checksum updates.
+//! - `metrics`: per-CPU counters.
+//! - `flow`: the per-packet pipeline the TC entry points share.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod ct;
+#[cfg(target_arch = "bpf")]
+mod flow;
+#[cfg(target_arch = "bpf")]
+mod lb;
+#[cfg(target_arch = "bpf")]
+mod maps;
+#[cfg(target_arch = "bpf")]
+mod metrics;
+#[cfg(target_arch = "bpf")]
+mod nat;
+#[cfg(target_arch = "bpf")]
+mod parse;
+
+#[cfg(target_arch = "bpf")]
+mod programs {
+    use aya_ebpf::{macros::classifier, programs::TcContext};
+
+    use crate::flow::{self, Hook};
+
+    /// TC ingress on the host side of a pod's veth: packets leaving the pod.
+    #[classifier]
+    pub fn tc_from_pod(ctx: TcContext) -> i32 {
+        flow::handle(&ctx, Hook::FromPod)
+    }
+
+    /// TC egress on the host side of a pod's veth: packets about to enter the pod.
+    #[classifier]
+    pub fn tc_to_pod(ctx: TcContext) -> i32 {
+        flow::handle(&ctx, Hook::ToPod)
+    }
+
+    /// TC ingress on a node uplink: packets entering the node from the network.
+    #[classifier]
+    pub fn tc_uplink_in(ctx: TcContext) -> i32 {
+        flow::handle(&ctx, Hook::UplinkIn)
+    }
+}
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any path that could reach here; this is never called.
+    loop {}
+}
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
+
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
