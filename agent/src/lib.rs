@@ -14,6 +14,7 @@
 //! - [`serve`]: the identity server lab pods run.
 //! - [`demo`]: the walking-skeleton demo (one node, one ClusterIP, two backends).
 //! - [`logging`]: tracing setup (text or JSON).
+//! - [`testing`]: packet builder/parser and the BPF_PROG_TEST_RUN harness (tests, bench).
 //!
 //! The pure pipeline (translate, compile, diff) lives in the `weir-core` crate; the map
 //! ABI in `weir-common`.
@@ -25,3 +26,4 @@ pub mod logging;
 pub mod netns;
 pub mod serve;
 pub mod source;
+pub mod testing;

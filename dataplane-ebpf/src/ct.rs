@@ -6,7 +6,7 @@ use weir_common::{ct::*, proto};
 
 use crate::{
     maps::CT,
-    parse::{Pkt, TCP_FIN, TCP_RST},
+    parse::{Pkt, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 #[inline(always)]
@@ -62,7 +62,7 @@ pub fn is_stale(e: &CtEntry, pkt: &Pkt, now: u64) -> bool {
         return true;
     }
     pkt.proto == proto::TCP
-        && pkt.tcp_flags & 0x12 == 0x02 // SYN without ACK
+        && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
         && e.flags & (CT_F_RST | CT_F_FIN_FWD | CT_F_FIN_REV) != 0
 }
 
@@ -106,7 +106,7 @@ pub fn new_entry(pkt: &Pkt, now: u64) -> CtEntry {
     };
     if pkt.proto == proto::TCP {
         e.tcp_fwd = pkt.tcp_flags;
-        if pkt.tcp_flags & 0x02 != 0 {
+        if pkt.tcp_flags & TCP_SYN != 0 {
             e.flags |= CT_F_SYN;
         }
     }

@@ -90,6 +90,11 @@ fn ingress(ctx: &aya_ebpf::programs::TcContext, pkt: &Pkt, hook: Hook) -> Result
     if let Some((fe, svc)) = lb::lookup_frontend(pkt) {
         return service(ctx, pkt, hook, &fe, &svc, now);
     }
+    // A ClusterIP on a port its Service does not have: rejected, as kube-proxy's
+    // nftables mode does (reject generation comes with the Services issue).
+    if lb::is_cluster_ip(pkt) {
+        return Err(REASON_UNKNOWN_PORT_REJECT);
+    }
 
     count(REASON_FORWARDED, hook.dir(), pkt.len);
     Ok(TC_ACT_OK)

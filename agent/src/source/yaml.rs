@@ -50,7 +50,9 @@ pub fn parse_documents(text: &str, origin: &str) -> (Vec<Object>, Vec<DocError>)
                     origin,
                     reason: format!("invalid YAML: {e}"),
                 });
-                continue;
+                // A syntax error leaves the stream unparseable (and serde_yaml's
+                // iterator would yield the same error forever): stop at the first one.
+                break;
             }
         };
         if value.is_null() {
