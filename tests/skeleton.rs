@@ -56,8 +56,19 @@ fn cluster_ip_balances_real_connections_and_pins_are_removed_on_shutdown() {
         "both backends answer: {per_backend:?}"
     );
 
+    assert_eq!(m.attached_programs("client").unwrap(), 2);
     m.stop_agent();
     assert!(!m.pin_dir.exists(), "pins removed on shutdown");
+    // The kernel releases the links once the last reference (pin or fd) is gone; that
+    // happens asynchronously after the agent exits, so wait for it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while m.attached_programs("client").unwrap() != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "programs still attached after shutdown"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // With the datapath gone, the VIP is no longer served.
     assert!(m.connect("client", vip).is_err());
 }

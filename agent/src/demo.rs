@@ -253,6 +253,21 @@ impl Mini {
         })?
     }
 
+    /// Number of TCX programs attached to a pod's host interface (ingress + egress).
+    pub fn attached_programs(&self, pod: &str) -> Result<usize> {
+        let ifname = self.pod(pod).host_if.clone();
+        netns::in_netns(&self.node.name, move || -> Result<usize> {
+            use aya::programs::{SchedClassifier, TcAttachType};
+            let i = SchedClassifier::query_tcx(&ifname, TcAttachType::Ingress)?
+                .1
+                .len();
+            let e = SchedClassifier::query_tcx(&ifname, TcAttachType::Egress)?
+                .1
+                .len();
+            Ok(i + e)
+        })?
+    }
+
     /// Stops the agent with SIGTERM (it removes its pins on the way out).
     pub fn stop_agent(&mut self) {
         if let Some(mut a) = self.agent.take() {

@@ -5,7 +5,7 @@ use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns};
 use weir_common::{ct::*, proto};
 
 use crate::{
-    maps::CT,
+    maps::{CT, SCRATCH},
     parse::{Pkt, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -47,17 +47,13 @@ pub fn lookup(key: &CtKey) -> Option<*mut CtEntry> {
     CT.get_ptr_mut(key)
 }
 
-#[inline(always)]
-pub fn insert(key: &CtKey, entry: &CtEntry) -> Result<(), ()> {
-    CT.insert(key, entry, BPF_ANY as u64).map_err(|_| ())
-}
-
 /// Whether a live entry should give way to a new connection on the same tuple: it has
 /// expired, or it is a TCP connection that closed and a fresh SYN reuses its ports
 /// (without this a client reusing a source port inherits stale translation state, see
 /// TOOLCHAIN.md "Runtime pitfalls").
 #[inline(always)]
-pub fn is_stale(e: &CtEntry, pkt: &Pkt, now: u64) -> bool {
+pub fn is_stale(e: *const CtEntry, pkt: &Pkt, now: u64) -> bool {
+    let e = unsafe { &*e };
     if e.expired(pkt.proto, now) {
         return true;
     }
@@ -95,20 +91,30 @@ pub fn touch(e: *mut CtEntry, pkt: &Pkt, reply: bool, now: u64) {
     }
 }
 
+/// A zeroed entry for this packet in the per-CPU scratch slot (CtEntry is 80 bytes: too
+/// much to build on the BPF stack next to everything else). Fill it, then [`insert`].
 #[inline(always)]
-pub fn new_entry(pkt: &Pkt, now: u64) -> CtEntry {
-    let mut e = CtEntry {
-        created_ns: now,
-        last_seen_ns: now,
-        packets: 1,
-        bytes: pkt.len as u64,
-        ..CtEntry::default()
-    };
-    if pkt.proto == proto::TCP {
-        e.tcp_fwd = pkt.tcp_flags;
-        if pkt.tcp_flags & TCP_SYN != 0 {
-            e.flags |= CT_F_SYN;
+pub fn scratch_entry(pkt: &Pkt, now: u64) -> Option<*mut CtEntry> {
+    let s = SCRATCH.get_ptr_mut(0)?;
+    unsafe {
+        let e = core::ptr::addr_of_mut!((*s).ct);
+        core::ptr::write_bytes(e, 0, 1);
+        (*e).created_ns = now;
+        (*e).last_seen_ns = now;
+        (*e).packets = 1;
+        (*e).bytes = pkt.len as u64;
+        if pkt.proto == proto::TCP {
+            (*e).tcp_fwd = pkt.tcp_flags;
+            if pkt.tcp_flags & TCP_SYN != 0 {
+                (*e).flags |= CT_F_SYN;
+            }
         }
+        Some(e)
     }
-    e
+}
+
+#[inline(always)]
+pub fn insert_ptr(key: &CtKey, entry: *const CtEntry) -> Result<(), ()> {
+    CT.insert(key, unsafe { &*entry }, BPF_ANY as u64)
+        .map_err(|_| ())
 }

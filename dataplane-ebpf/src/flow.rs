@@ -68,15 +68,17 @@ fn ingress(ctx: &aya_ebpf::programs::TcContext, pkt: &Pkt, hook: Hook) -> Result
     let rkey = ct::reply_key_of(pkt, CT_KIND_FLOW);
     if let Some(e) = ct::lookup(&rkey) {
         ct::touch(e, pkt, true, now);
-        let e = unsafe { *e };
-        if e.flags & CT_F_DNAT != 0 {
+        // Read only the fields needed (the entry is too large to copy to the stack).
+        let flags = unsafe { (*e).flags };
+        if flags & CT_F_DNAT != 0 {
+            let (fe_addr, fe_port) = unsafe { ((*e).nat_dst, (*e).nat_dport_be) };
             let mut p = *pkt;
-            nat::rewrite(ctx, &p, End::Src, &e.nat_dst, e.nat_dport_be)
-                .map_err(|_| REASON_NAT_FAILED)?;
-            p.src = e.nat_dst;
-            p.sport_be = e.nat_dport_be;
-            if e.flags & CT_F_SNAT != 0 {
-                nat::rewrite(ctx, &p, End::Dst, &e.nat_src, e.nat_sport_be)
+            nat::rewrite(ctx, &p, End::Src, &fe_addr, fe_port).map_err(|_| REASON_NAT_FAILED)?;
+            if flags & CT_F_SNAT != 0 {
+                p.src = fe_addr;
+                p.sport_be = fe_port;
+                let (cl_addr, cl_port) = unsafe { ((*e).nat_src, (*e).nat_sport_be) };
+                nat::rewrite(ctx, &p, End::Dst, &cl_addr, cl_port)
                     .map_err(|_| REASON_NAT_FAILED)?;
             }
             count(REASON_REV_TRANSLATED, hook.dir(), pkt.len);
@@ -113,15 +115,15 @@ fn service(
     // goes to the same backend; chosen anew if the entry is stale or its backend is gone.
     let skey = ct::key_of(pkt, CT_KIND_SVC);
     let mut chosen: Option<(u32, Backend)> = None;
-    if let Some(e) = ct::lookup(&skey) {
-        let ev = unsafe { *e };
-        if !ct::is_stale(&ev, pkt, now) {
-            if let Some(be) = lb::backend(ev.backend_id) {
-                if be.addr == ev.nat_dst && be.port_be == ev.nat_dport_be {
-                    ct::touch(e, pkt, false, now);
-                    chosen = Some((ev.backend_id, be));
-                }
-            }
+    if let Some(e) = ct::lookup(&skey)
+        && !ct::is_stale(e, pkt, now)
+    {
+        let id = unsafe { (*e).backend_id };
+        if let Some(be) = lb::backend(id)
+            && unsafe { be.addr == (*e).nat_dst && be.port_be == (*e).nat_dport_be }
+        {
+            ct::touch(e, pkt, false, now);
+            chosen = Some((id, be));
         }
     }
     let (be_id, be) = match chosen {
@@ -138,21 +140,23 @@ fn service(
                     REASON_NO_BACKEND_REJECT
                 });
             };
-            let mut e = ct::new_entry(pkt, now);
-            e.flags |= CT_F_DNAT;
-            e.nat_src = pkt.src;
-            e.nat_sport_be = pkt.sport_be;
-            e.nat_dst = c.1.addr;
-            e.nat_dport_be = c.1.port_be;
-            e.backend_id = c.0;
-            e.rev_nat_id = svc.rev_nat_id;
-            ct::insert(&skey, &e).map_err(|_| REASON_CT_FULL)?;
+            let e = ct::scratch_entry(pkt, now).ok_or(REASON_CT_FULL)?;
+            unsafe {
+                (*e).flags |= CT_F_DNAT;
+                (*e).nat_src = pkt.src;
+                (*e).nat_sport_be = pkt.sport_be;
+                (*e).nat_dst = c.1.addr;
+                (*e).nat_dport_be = c.1.port_be;
+                (*e).backend_id = c.0;
+                (*e).rev_nat_id = svc.rev_nat_id;
+            }
+            ct::insert_ptr(&skey, e).map_err(|_| REASON_CT_FULL)?;
             c
         }
     };
 
     // The flow as it will be on the wire, tracked so that replies find their way back.
-    let fkey = weir_common::ct::CtKey {
+    let fkey = CtKey {
         src: pkt.src,
         dst: be.addr,
         sport_be: pkt.sport_be,
@@ -162,22 +166,24 @@ fn service(
         pad: [0; 2],
     };
     let fresh = match ct::lookup(&fkey) {
-        Some(e) if !ct::is_stale(unsafe { &*e }, pkt, now) => {
+        Some(e) if !ct::is_stale(e, pkt, now) => {
             ct::touch(e, pkt, false, now);
             false
         }
         _ => true,
     };
     if fresh {
-        let mut e = ct::new_entry(pkt, now);
-        e.flags |= CT_F_DNAT;
-        e.nat_src = pkt.src;
-        e.nat_sport_be = pkt.sport_be;
-        e.nat_dst = pkt.dst;
-        e.nat_dport_be = pkt.dport_be;
-        e.backend_id = be_id;
-        e.rev_nat_id = svc.rev_nat_id;
-        ct::insert(&fkey, &e).map_err(|_| REASON_CT_FULL)?;
+        let e = ct::scratch_entry(pkt, now).ok_or(REASON_CT_FULL)?;
+        unsafe {
+            (*e).flags |= CT_F_DNAT;
+            (*e).nat_src = pkt.src;
+            (*e).nat_sport_be = pkt.sport_be;
+            (*e).nat_dst = pkt.dst;
+            (*e).nat_dport_be = pkt.dport_be;
+            (*e).backend_id = be_id;
+            (*e).rev_nat_id = svc.rev_nat_id;
+        }
+        ct::insert_ptr(&fkey, e).map_err(|_| REASON_CT_FULL)?;
     }
 
     nat::rewrite(ctx, pkt, End::Dst, &be.addr, be.port_be).map_err(|_| REASON_NAT_FAILED)?;

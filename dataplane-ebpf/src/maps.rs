@@ -32,5 +32,15 @@ pub static CT: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(DEFAULT_CT_MAX, 0
 pub static METRICS: PerCpuArray<Counter> = PerCpuArray::pinned(REASON_MAX * 2, 0);
 #[map]
 pub static CONFIG: Array<NodeConfig> = Array::pinned(1, 0);
+/// Per-CPU scratch space for values too large for the 512-byte BPF stack (a program runs
+/// to completion on one CPU, so one slot per CPU is enough).
+#[repr(C)]
+pub struct Scratch {
+    pub ct: CtEntry,
+}
+
+#[map]
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
 #[map]
 pub static NODE_ADDRS: HashMap<Addr, NodeAddrValue> = HashMap::pinned(DEFAULT_NODE_ADDRS_MAX, 0);
