@@ -11,7 +11,7 @@ use weir::{
     datapath::Hook,
     testing::{
         packet::{self, ACK, FIN, SYN, sock},
-        prog::{ProgHarness, TC_ACT_OK, TC_ACT_SHOT},
+        prog::{ProgHarness, TC_ACT_OK, TC_ACT_REDIRECT},
     },
 };
 use weir_common::{
@@ -234,21 +234,44 @@ fn a_new_syn_after_the_connection_closed_gets_a_fresh_entry() {
 }
 
 #[test]
-fn a_service_without_endpoints_does_not_forward() {
+fn a_syn_to_a_service_without_endpoints_is_answered_with_a_reset_from_the_vip() {
     let h = harness(&cluster_ip_service("10.96.0.10", 80, Protocol::TCP, &[]));
-    let r = h
-        .run(
-            Hook::FromPod,
-            &packet::tcp(sock("10.244.1.2", 40000), sock("10.96.0.10", 80), SYN, b""),
-        )
-        .unwrap();
-    assert_eq!(r.verdict, TC_ACT_SHOT);
+    let syn = packet::tcp_with(
+        &Default::default(),
+        sock("10.244.1.2", 40000),
+        sock("10.96.0.10", 80),
+        SYN,
+        7000,
+        0,
+        b"",
+    );
+    let r = h.run(Hook::FromPod, &syn).unwrap();
+    assert_eq!(
+        r.verdict, TC_ACT_REDIRECT,
+        "sent back out of the interface it came in on"
+    );
+    let p = r.parsed();
+    assert_eq!((p.src.to_string(), p.sport), ("10.96.0.10".into(), 80));
+    assert_eq!((p.dst.to_string(), p.dport), ("10.244.1.2".into(), 40000));
+    assert_eq!(p.tcp_flags, packet::RST | ACK);
+    // RFC 9293: no ACK on the offending segment -> seq 0, ack = SEG.SEQ + SEG.LEN (SYN counts 1).
+    assert_eq!(tcp_seq_ack(&r.out), (0, 7001));
+    assert!(p.ip_csum_ok && p.l4_csum_ok);
+    assert_eq!(p.dst_mac, syn[6..12], "addressed back to the sender's MAC");
     assert_eq!(
         h.counters()
             .unwrap()
             .get(&(REASON_NO_BACKEND_REJECT, DIR_EGRESS)),
         Some(&1)
     );
+}
+
+fn tcp_seq_ack(frame: &[u8]) -> (u32, u32) {
+    let l4 = &frame[14 + ((frame[14] & 0xf) as usize) * 4..];
+    (
+        u32::from_be_bytes(l4[4..8].try_into().unwrap()),
+        u32::from_be_bytes(l4[8..12].try_into().unwrap()),
+    )
 }
 
 #[test]

@@ -72,3 +72,24 @@ fn cluster_ip_balances_real_connections_and_pins_are_removed_on_shutdown() {
     // With the datapath gone, the VIP is no longer served.
     assert!(m.connect("client", vip).is_err());
 }
+
+#[test]
+fn guards_remove_what_they_created_even_when_the_test_panics() {
+    support::require_root();
+    let prefix = weir::netns::unique_prefix('g');
+    let ns = format!("{prefix}-guard");
+    let cg = format!("{prefix}-guard");
+    let cg_path = weir::netns::cgroup2_root().unwrap().join(&cg);
+    let (ns2, cg2) = (ns.clone(), cg.clone());
+    let r = std::panic::catch_unwind(move || {
+        let _n = weir::netns::NetnsGuard::create(&ns2).unwrap();
+        let _c = weir::netns::CgroupGuard::create(&cg2).unwrap();
+        panic!("test failure inside the guards' scope");
+    });
+    assert!(r.is_err());
+    assert!(
+        !weir::netns::list_by_prefix(&prefix).contains(&ns),
+        "namespace removed"
+    );
+    assert!(!cg_path.exists(), "cgroup removed");
+}

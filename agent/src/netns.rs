@@ -261,6 +261,74 @@ pub fn interfaces() -> Vec<String> {
     out
 }
 
+/// The cgroup v2 mount point (`/sys/fs/cgroup` on unified hosts, `/sys/fs/cgroup/unified`
+/// on hybrid ones such as these machines), read from /proc/self/mounts.
+pub fn cgroup2_root() -> Result<std::path::PathBuf> {
+    let mounts =
+        std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
+    mounts
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, dir, fstype) = (f.next()?, f.next()?, f.next()?);
+            (fstype == "cgroup2").then(|| std::path::PathBuf::from(dir))
+        })
+        .context("no cgroup2 filesystem is mounted")
+}
+
+/// A cgroup v2 directory created for a test or lab, removed on drop. Removal needs the
+/// cgroup to be empty: callers stop their processes first (the guard retries briefly
+/// while the kernel finishes reaping them).
+pub struct CgroupGuard {
+    pub path: std::path::PathBuf,
+    keep: bool,
+}
+
+impl CgroupGuard {
+    /// Creates `<cgroup2 root>/<name>`; `name` must carry the caller's unique prefix.
+    pub fn create(name: &str) -> Result<CgroupGuard> {
+        if name.contains('/') || name.is_empty() {
+            bail!("bad cgroup name {name:?}");
+        }
+        let path = cgroup2_root()?.join(name);
+        std::fs::create_dir(&path)
+            .with_context(|| format!("creating cgroup {}", path.display()))?;
+        Ok(CgroupGuard { path, keep: false })
+    }
+
+    pub fn keep(mut self) -> std::path::PathBuf {
+        self.keep = true;
+        self.path.clone()
+    }
+
+    /// Makes `cmd`'s process join this cgroup before exec (combine with `command_in`).
+    pub fn command_in(&self, cmd: &mut Command) {
+        let procs = self.path.join("cgroup.procs");
+        unsafe {
+            cmd.pre_exec(move || std::fs::write(&procs, b"0"));
+        }
+    }
+}
+
+/// Removes a cgroup directory, waiting up to a second for it to empty.
+pub fn remove_cgroup(path: &std::path::Path) {
+    for _ in 0..50 {
+        match std::fs::remove_dir(path) {
+            Ok(()) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+        }
+    }
+}
+
+impl Drop for CgroupGuard {
+    fn drop(&mut self) {
+        if !self.keep {
+            remove_cgroup(&self.path);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

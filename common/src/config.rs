@@ -9,21 +9,48 @@ pub struct NodeConfig {
     /// Address used to masquerade (eTP=Cluster external traffic, hairpin), per family.
     pub masq_v4: Addr,
     pub masq_v6: Addr,
+    /// The cluster's pod CIDR per family (kube-proxy's `--cluster-cidr`, its
+    /// "local detector"): sources inside it are pods, which decides masquerading of
+    /// ClusterIP traffic and the eTP=Local short-circuit. Prefix length 0 = unset.
+    pub cluster_v4: Addr,
+    pub cluster_v6: Addr,
+    pub cluster_v4_plen: u8,
+    pub cluster_v6_plen: u8,
+    pub pad: [u8; 2],
     /// `CFG_F_*`.
     pub flags: u32,
     /// Source ports for masqueraded flows: `[snat_port_min, snat_port_max]`, host order.
     pub snat_port_min: u16,
     pub snat_port_max: u16,
-    /// Bumped by the agent on every successful sync (lets tests and `weir` see progress).
+    /// Entries of every Maglev lookup table (a prime).
+    pub maglev_table_size: u32,
+    /// The input generation the agent last programmed (`weir lab` waits for it).
     pub generation: u64,
 }
 crate::assert_layout!(
     NodeConfig,
-    size = 48,
-    flags = 32,
-    snat_port_min = 36,
-    generation = 40
+    size = 88,
+    cluster_v4 = 32,
+    cluster_v4_plen = 64,
+    flags = 68,
+    snat_port_min = 72,
+    maglev_table_size = 76,
+    generation = 80
 );
+
+impl NodeConfig {
+    /// Whether `a` lies in the cluster's pod CIDR of its family.
+    #[inline(always)]
+    pub fn in_cluster_cidr(&self, a: &Addr) -> bool {
+        if a.is_v4() {
+            self.cluster_v4_plen != 0
+                && crate::addr::in_prefix(a, &self.cluster_v4, 96 + self.cluster_v4_plen as u32)
+        } else {
+            self.cluster_v6_plen != 0
+                && crate::addr::in_prefix(a, &self.cluster_v6, self.cluster_v6_plen as u32)
+        }
+    }
+}
 
 /// Socket-level load balancing is enabled (cgroup hooks translate east-west traffic).
 pub const CFG_F_SOCKET_LB: u32 = 1 << 0;

@@ -130,14 +130,18 @@ crate::assert_layout!(AffinityKey, size = 24, rev_nat_id = 16, scope = 20);
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
 pub struct AffinityValue {
     pub backend_id: u32,
-    pub pad: u32,
+    /// The slot the backend had when chosen (0 for Maglev choices): a hit is valid only
+    /// while that slot still names the same backend, so a backend that left the
+    /// Service is a miss even if another Service still uses it.
+    pub slot: u16,
+    pub pad: u16,
     /// bpf_ktime_get_ns() of the last use (CLOCK_MONOTONIC).
     pub last_used_ns: u64,
 }
-crate::assert_layout!(AffinityValue, size = 16, last_used_ns = 8);
+crate::assert_layout!(AffinityValue, size = 16, slot = 4, last_used_ns = 8);
 
 #[repr(C)]
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Default)]
 pub struct MaglevKey {
     pub rev_nat_id: u32,
     pub scope: u8,
@@ -147,7 +151,20 @@ pub struct MaglevKey {
 }
 crate::assert_layout!(MaglevKey, size = 12, scope = 4, index = 8);
 
+/// `SOURCE_RANGES` (LPM trie) key: a frontend's rev-NAT id followed by a source
+/// address. The id's 32 bits are always inside the prefix (prefix length = 32 + the
+/// address prefix, v4 ranges counted from bit 96 of the v4-mapped address), so its byte
+/// order does not matter; the address is in network order, which LPM matching needs.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Default)]
+pub struct SourceRangeKey {
+    pub rev_nat_id: u32,
+    pub addr: Addr,
+}
+crate::assert_layout!(SourceRangeKey, size = 20, addr = 4);
+
 crate::impl_pod!(
+    SourceRangeKey,
     ServiceKey,
     ServiceValue,
     Backend,

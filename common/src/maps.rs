@@ -10,6 +10,7 @@ pub const CT: &str = "CT";
 pub const METRICS: &str = "METRICS";
 pub const CONFIG: &str = "CONFIG";
 pub const NODE_ADDRS: &str = "NODE_ADDRS";
+pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
 
 pub const DEFAULT_SERVICES_MAX: u32 = 65536;
 pub const DEFAULT_BACKENDS_MAX: u32 = 65536;
@@ -18,6 +19,9 @@ pub const DEFAULT_AFFINITY_MAX: u32 = 65536;
 pub const DEFAULT_MAGLEV_MAX: u32 = 65536;
 pub const DEFAULT_CT_MAX: u32 = 262144;
 pub const DEFAULT_NODE_ADDRS_MAX: u32 = 64;
+pub const DEFAULT_SOURCE_RANGES_MAX: u32 = 16384;
+/// Default Maglev table size per frontend (prime; Cilium's default is 16381).
+pub const DEFAULT_MAGLEV_TABLE_SIZE: u32 = 1021;
 
 /// Every map the agent pins, with its default capacity (for capacity metrics and flags).
 pub const ALL: &[(&str, u32)] = &[
@@ -30,4 +34,5 @@ pub const ALL: &[(&str, u32)] = &[
     (METRICS, crate::metrics::REASON_MAX * 2),
     (CONFIG, 1),
     (NODE_ADDRS, DEFAULT_NODE_ADDRS_MAX),
+    (SOURCE_RANGES, DEFAULT_SOURCE_RANGES_MAX),
 ];

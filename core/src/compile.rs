@@ -195,12 +195,31 @@ pub fn backend_value(b: &BackendAddr, local: bool) -> Backend {
 /// Slots are numbered 1..=u16::MAX in the ABI.
 const MAX_SLOTS: usize = u16::MAX as usize;
 
-/// Compiles one Service's frontends into its part of the map image. `local_addrs` are
-/// the addresses of this node's pods (to mark local backends).
+/// Options of compilation that come from the node's configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CompileOptions {
+    /// Entries of each Maglev table (prime).
+    pub maglev_table_size: u32,
+    /// Use Maglev for every frontend, not only annotated Services.
+    pub maglev_all: bool,
+}
+
+impl Default for CompileOptions {
+    fn default() -> Self {
+        Self {
+            maglev_table_size: weir_common::maps::DEFAULT_MAGLEV_TABLE_SIZE,
+            maglev_all: false,
+        }
+    }
+}
+
+/// Compiles one Service's frontends into its part of the map image. `local_backends`
+/// are the addresses of this node's pods (to mark local backends).
 pub fn compile_frontends(
     frontends: &[Frontend],
     ids: &mut IdAllocator,
     local_backends: &BTreeSet<IpAddr>,
+    opts: &CompileOptions,
 ) -> Result<MapImage, CompileError> {
     let mut img = MapImage::default();
     let mut cluster_ips: BTreeSet<Addr> = BTreeSet::new();
@@ -249,6 +268,46 @@ pub fn compile_frontends(
                 );
             }
         }
+        let maglev = fe.maglev || opts.maglev_all;
+        if maglev {
+            for (scope, set) in [(SCOPE_CLUSTER, &fe.cluster), (SCOPE_LOCAL, &fe.local)] {
+                let names: Vec<String> = set
+                    .iter()
+                    .map(|b| format!("{}:{}", b.addr, b.port))
+                    .collect();
+                for (index, i) in crate::maglev::table(&names, opts.maglev_table_size)
+                    .into_iter()
+                    .enumerate()
+                {
+                    let id = ids.backend_id(&set[i as usize])?;
+                    img.maglev.insert(
+                        MaglevKey {
+                            rev_nat_id,
+                            scope,
+                            pad: [0; 3],
+                            index: index as u32,
+                        },
+                        id,
+                    );
+                }
+            }
+        }
+        for net in &fe.source_ranges {
+            let (a, plen) = match net {
+                ipnet::IpNet::V4(n) => (IpAddr::V4(n.network()), 96 + n.prefix_len() as u32),
+                ipnet::IpNet::V6(n) => (IpAddr::V6(n.network()), n.prefix_len() as u32),
+            };
+            img.source_ranges.insert(
+                (
+                    32 + plen,
+                    SourceRangeKey {
+                        rev_nat_id,
+                        addr: Addr::from_ip(a),
+                    },
+                ),
+                0,
+            );
+        }
         let mut flags = 0;
         if fe.kind.is_external() {
             flags |= SVC_F_EXTERNAL;
@@ -265,7 +324,7 @@ pub fn compile_frontends(
         if fe.affinity_timeout_s.is_some() {
             flags |= SVC_F_AFFINITY;
         }
-        if fe.maglev {
+        if maglev {
             flags |= SVC_F_MAGLEV;
         }
         if fe.has_endpoints {

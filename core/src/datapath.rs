@@ -18,12 +18,12 @@ pub enum ApplyError {
     MapFull {
         map: &'static str,
         capacity: u32,
-        op: Op,
+        op: Box<Op>,
     },
     #[error("writing map {map} failed for {op:?}: {reason}")]
     Write {
         map: &'static str,
-        op: Op,
+        op: Box<Op>,
         reason: String,
     },
 }
@@ -98,7 +98,7 @@ impl FakeDatapath {
             return Err(ApplyError::MapFull {
                 map,
                 capacity: cap,
-                op: op.clone(),
+                op: Box::new(op.clone()),
             });
         }
         Ok(())
@@ -163,7 +163,7 @@ impl<D: Datapath> Datapath for FaultyDatapath<D> {
                     applied: i,
                     error: Some(ApplyError::Write {
                         map: op.map_name(),
-                        op: op.clone(),
+                        op: Box::new(op.clone()),
                         reason: "injected fault".into(),
                     }),
                 };

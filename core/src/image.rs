@@ -6,8 +6,11 @@ use std::collections::BTreeMap;
 use weir_common::{
     Addr,
     config::{NodeAddrValue, NodeConfig},
-    lb::{Backend, RevNat, ServiceKey, ServiceValue},
+    lb::{Backend, MaglevKey, RevNat, ServiceKey, ServiceValue, SourceRangeKey},
 };
+
+/// An LPM key as (prefix length in bits, key data).
+pub type Lpm<K> = (u32, K);
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapImage {
@@ -15,6 +18,8 @@ pub struct MapImage {
     pub backends: BTreeMap<u32, Backend>,
     pub rev_nat: BTreeMap<u32, RevNat>,
     pub node_addrs: BTreeMap<Addr, NodeAddrValue>,
+    pub source_ranges: BTreeMap<Lpm<SourceRangeKey>, u32>,
+    pub maglev: BTreeMap<MaglevKey, u32>,
     pub config: Option<NodeConfig>,
 }
 
@@ -42,6 +47,8 @@ impl MapImage {
             (BACKENDS, self.backends.len()),
             (REV_NAT, self.rev_nat.len()),
             (NODE_ADDRS, self.node_addrs.len()),
+            (SOURCE_RANGES, self.source_ranges.len()),
+            (MAGLEV, self.maglev.len()),
         ])
     }
 }

@@ -12,6 +12,7 @@
 //!   sources convert kube/k8s-openapi objects into these).
 //! - [`services`]: translate Services and EndpointSlices into frontends and backend sets
 //!   by the upstream kube-proxy rules.
+//! - [`maglev`]: Maglev lookup tables.
 //! - [`image`]: [`image::MapImage`], the exact contents the maps should hold.
 //! - [`compile`]: desired state -> map image, with stable ids ([`compile::IdAllocator`]).
 //! - [`plan`]: diff two images into an ordered, make-before-break [`plan::Plan`].
@@ -22,6 +23,7 @@
 pub mod compile;
 pub mod datapath;
 pub mod image;
+pub mod maglev;
 pub mod model;
 pub mod pipeline;
 pub mod plan;

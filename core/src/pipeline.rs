@@ -15,7 +15,7 @@ use weir_common::{
 };
 
 use crate::{
-    compile::{CompileError, IdAllocator, compile_frontends},
+    compile::{CompileError, CompileOptions, IdAllocator, compile_frontends},
     image::MapImage,
     model::{Cluster, EndpointSlice, ObjRef, Service},
     services::{NodeContext, translate_service},
@@ -29,6 +29,9 @@ pub struct NodeSettings {
     pub snat_port_max: u16,
     /// `CFG_F_*` flags.
     pub flags: u32,
+    /// The cluster's pod CIDRs (kube-proxy's --cluster-cidr), at most one per family.
+    pub cluster_cidrs: Vec<ipnet::IpNet>,
+    pub compile: CompileOptions,
 }
 
 impl Default for NodeSettings {
@@ -40,6 +43,8 @@ impl Default for NodeSettings {
             snat_port_min: 61000,
             snat_port_max: 65535,
             flags: 0,
+            cluster_cidrs: Vec::new(),
+            compile: CompileOptions::default(),
         }
     }
 }
@@ -121,7 +126,7 @@ impl Pipeline {
             let entry = self.cache.entry(id.clone()).or_default();
             if entry.inputs.as_ref() != Some(&inputs) {
                 let fes = translate_service(svc, &slices, &node);
-                match compile_frontends(&fes, &mut self.ids, &inputs.3) {
+                match compile_frontends(&fes, &mut self.ids, &inputs.3, &self.settings.compile) {
                     Ok(i) => {
                         entry.image = i;
                         entry.inputs = Some(inputs);
@@ -153,12 +158,28 @@ impl Pipeline {
                 .map(|a| Addr::from_ip(*a))
                 .unwrap_or_default()
         };
+        let cidr = |v4: bool| {
+            self.settings
+                .cluster_cidrs
+                .iter()
+                .find(|n| n.addr().is_ipv4() == v4)
+                .map(|n| (Addr::from_ip(n.network()), n.prefix_len()))
+                .unwrap_or((Addr::ZERO, 0))
+        };
+        let (cluster_v4, cluster_v4_plen) = cidr(true);
+        let (cluster_v6, cluster_v6_plen) = cidr(false);
         img.config = Some(NodeConfig {
             masq_v4: masq(true),
             masq_v6: masq(false),
+            cluster_v4,
+            cluster_v6,
+            cluster_v4_plen,
+            cluster_v6_plen,
+            pad: [0; 2],
             flags: self.settings.flags,
             snat_port_min: self.settings.snat_port_min,
             snat_port_max: self.settings.snat_port_max,
+            maglev_table_size: self.settings.compile.maglev_table_size,
             generation,
         });
 

@@ -8,16 +8,19 @@
 //! 4. deletions: master entries of vanished frontends first, then their slots, then
 //!    rev-NAT entries and backends nobody references any more.
 //!
+//! Source ranges and Maglev tables, which a packet reaches only through a master entry,
+//! are written before the masters and removed after them.
+//!
 //! Node addresses and the node config are written first (a NodePort frontend is looked
 //! up only through a node address) and removed last.
 
 use weir_common::{
     Addr,
     config::{NodeAddrValue, NodeConfig},
-    lb::{Backend, RevNat, ServiceKey, ServiceValue},
+    lb::{Backend, MaglevKey, RevNat, ServiceKey, ServiceValue, SourceRangeKey},
 };
 
-use crate::image::MapImage;
+use crate::image::{Lpm, MapImage};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
@@ -26,7 +29,11 @@ pub enum Op {
     PutBackend(u32, Backend),
     PutRevNat(u32, RevNat),
     PutService(ServiceKey, ServiceValue),
+    PutSourceRange(Lpm<SourceRangeKey>, u32),
+    PutMaglev(MaglevKey, u32),
     DelService(ServiceKey),
+    DelSourceRange(Lpm<SourceRangeKey>),
+    DelMaglev(MaglevKey),
     DelRevNat(u32),
     DelBackend(u32),
     DelNodeAddr(Addr),
@@ -42,6 +49,8 @@ impl Op {
             Op::PutBackend(..) | Op::DelBackend(_) => BACKENDS,
             Op::PutRevNat(..) | Op::DelRevNat(_) => REV_NAT,
             Op::PutService(..) | Op::DelService(_) => SERVICES,
+            Op::PutSourceRange(..) | Op::DelSourceRange(_) => SOURCE_RANGES,
+            Op::PutMaglev(..) | Op::DelMaglev(_) => MAGLEV,
         }
     }
 
@@ -100,6 +109,18 @@ impl Plan {
                 Op::DelNodeAddr(k) => {
                     img.node_addrs.remove(k);
                 }
+                Op::PutSourceRange(k, v) => {
+                    img.source_ranges.insert(*k, *v);
+                }
+                Op::DelSourceRange(k) => {
+                    img.source_ranges.remove(k);
+                }
+                Op::PutMaglev(k, v) => {
+                    img.maglev.insert(*k, *v);
+                }
+                Op::DelMaglev(k) => {
+                    img.maglev.remove(k);
+                }
             }
         }
     }
@@ -132,6 +153,10 @@ pub fn diff(old: &MapImage, new: &MapImage) -> Plan {
     ops.extend(puts(&old.node_addrs, &new.node_addrs).map(|(k, v)| Op::PutNodeAddr(k, v)));
     ops.extend(puts(&old.backends, &new.backends).map(|(k, v)| Op::PutBackend(k, v)));
     ops.extend(puts(&old.rev_nat, &new.rev_nat).map(|(k, v)| Op::PutRevNat(k, v)));
+    // Source ranges and Maglev tables are read only through a master entry's flags:
+    // written before it, removed after it.
+    ops.extend(puts(&old.source_ranges, &new.source_ranges).map(|(k, v)| Op::PutSourceRange(k, v)));
+    ops.extend(puts(&old.maglev, &new.maglev).map(|(k, v)| Op::PutMaglev(k, v)));
     let (masters_new, slots_new): (Vec<_>, Vec<_>) =
         puts(&old.services, &new.services).partition(|(k, _)| k.slot == 0);
     ops.extend(slots_new.into_iter().map(|(k, v)| Op::PutService(k, v)));
@@ -140,6 +165,8 @@ pub fn diff(old: &MapImage, new: &MapImage) -> Plan {
         dels(&old.services, &new.services).partition(|k| k.slot == 0);
     ops.extend(masters_gone.into_iter().map(Op::DelService));
     ops.extend(slots_gone.into_iter().map(Op::DelService));
+    ops.extend(dels(&old.maglev, &new.maglev).map(Op::DelMaglev));
+    ops.extend(dels(&old.source_ranges, &new.source_ranges).map(Op::DelSourceRange));
     ops.extend(dels(&old.rev_nat, &new.rev_nat).map(Op::DelRevNat));
     ops.extend(dels(&old.backends, &new.backends).map(Op::DelBackend));
     ops.extend(dels(&old.node_addrs, &new.node_addrs).map(Op::DelNodeAddr));

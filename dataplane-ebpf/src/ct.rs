@@ -5,7 +5,7 @@ use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns};
 use weir_common::{ct::*, proto};
 
 use crate::{
-    maps::{CT, SCRATCH},
+    maps::CT,
     parse::{Pkt, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -14,37 +14,38 @@ pub fn now_ns() -> u64 {
     unsafe { bpf_ktime_get_ns() }
 }
 
-/// The key of this packet's tuple as it is on the wire.
+/// Sets `key` to this packet's tuple as it is on the wire.
 #[inline(always)]
-pub fn key_of(pkt: &Pkt, kind: u8) -> CtKey {
-    CtKey {
-        src: pkt.src,
-        dst: pkt.dst,
-        sport_be: pkt.sport_be,
-        dport_be: pkt.dport_be,
-        proto: pkt.proto,
-        kind,
-        pad: [0; 2],
-    }
+pub fn set_key(key: &mut CtKey, pkt: &Pkt, kind: u8) {
+    key.src = pkt.src;
+    key.dst = pkt.dst;
+    key.sport_be = pkt.sport_be;
+    key.dport_be = pkt.dport_be;
+    key.proto = pkt.proto;
+    key.kind = kind;
+    key.pad = [0; 2];
 }
 
-/// The key a packet in the reply direction of this tuple would have been created under.
+/// Sets `key` to the tuple a packet in the reply direction of this one was created under.
 #[inline(always)]
-pub fn reply_key_of(pkt: &Pkt, kind: u8) -> CtKey {
-    CtKey {
-        src: pkt.dst,
-        dst: pkt.src,
-        sport_be: pkt.dport_be,
-        dport_be: pkt.sport_be,
-        proto: pkt.proto,
-        kind,
-        pad: [0; 2],
-    }
+pub fn set_reply_key(key: &mut CtKey, pkt: &Pkt, kind: u8) {
+    key.src = pkt.dst;
+    key.dst = pkt.src;
+    key.sport_be = pkt.dport_be;
+    key.dport_be = pkt.sport_be;
+    key.proto = pkt.proto;
+    key.kind = kind;
+    key.pad = [0; 2];
 }
 
 #[inline(always)]
 pub fn lookup(key: &CtKey) -> Option<*mut CtEntry> {
     CT.get_ptr_mut(key)
+}
+
+#[inline(always)]
+pub fn insert(key: &CtKey, entry: &CtEntry) -> Result<(), ()> {
+    CT.insert(key, entry, BPF_ANY as u64).map_err(|_| ())
 }
 
 /// Whether a live entry should give way to a new connection on the same tuple: it has
@@ -69,10 +70,8 @@ pub fn touch(e: *mut CtEntry, pkt: &Pkt, reply: bool, now: u64) {
         (*e).last_seen_ns = now;
         (*e).packets += 1;
         (*e).bytes += pkt.len as u64;
-        if reply {
-            if (*e).flags & CT_F_SEEN_REPLY == 0 {
-                (*e).flags |= CT_F_SEEN_REPLY;
-            }
+        if reply && (*e).flags & CT_F_SEEN_REPLY == 0 {
+            (*e).flags |= CT_F_SEEN_REPLY;
         }
         if pkt.proto == proto::TCP {
             let f = pkt.tcp_flags;
@@ -91,30 +90,20 @@ pub fn touch(e: *mut CtEntry, pkt: &Pkt, reply: bool, now: u64) {
     }
 }
 
-/// A zeroed entry for this packet in the per-CPU scratch slot (CtEntry is 80 bytes: too
-/// much to build on the BPF stack next to everything else). Fill it, then [`insert`].
+/// Resets `e` to a fresh entry for this packet.
 #[inline(always)]
-pub fn scratch_entry(pkt: &Pkt, now: u64) -> Option<*mut CtEntry> {
-    let s = SCRATCH.get_ptr_mut(0)?;
-    unsafe {
-        let e = core::ptr::addr_of_mut!((*s).ct);
-        core::ptr::write_bytes(e, 0, 1);
-        (*e).created_ns = now;
-        (*e).last_seen_ns = now;
-        (*e).packets = 1;
-        (*e).bytes = pkt.len as u64;
-        if pkt.proto == proto::TCP {
-            (*e).tcp_fwd = pkt.tcp_flags;
-            if pkt.tcp_flags & TCP_SYN != 0 {
-                (*e).flags |= CT_F_SYN;
-            }
+pub fn init_entry(e: &mut CtEntry, pkt: &Pkt, now: u64) {
+    *e = CtEntry {
+        created_ns: now,
+        last_seen_ns: now,
+        packets: 1,
+        bytes: pkt.len as u64,
+        ..CtEntry::default()
+    };
+    if pkt.proto == proto::TCP {
+        e.tcp_fwd = pkt.tcp_flags;
+        if pkt.tcp_flags & TCP_SYN != 0 {
+            e.flags |= CT_F_SYN;
         }
-        Some(e)
     }
-}
-
-#[inline(always)]
-pub fn insert_ptr(key: &CtKey, entry: *const CtEntry) -> Result<(), ()> {
-    CT.insert(key, unsafe { &*entry }, BPF_ANY as u64)
-        .map_err(|_| ())
 }

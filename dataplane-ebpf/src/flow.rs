@@ -1,18 +1,29 @@
 //! The per-packet pipeline shared by the TC entry points.
 //!
 //! Every hook first asks conntrack whether the packet is a reply of a tracked flow
-//! (reverse translation happens at the first hook on the node that sees the reply, so
+//! (reverse translation happens at the first hook on the node that sees the reply,
 //! before routing, which a masqueraded reply needs); then whether it is addressed to a
 //! Service frontend (translate and track); otherwise it passes.
+//!
+//! Stages are BPF-to-BPF calls (`#[inline(never)]`) sharing the per-CPU [`Work`] slot:
+//! each gets its own small stack frame (the 512-byte limit applies to a whole call
+//! chain) and the verifier checks each once. Upstream rules implemented here are cited
+//! where they apply (kubernetes pkg/proxy/nftables/proxier.go unless noted; see
+//! docs/upstream-services.md).
 
-use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_SHOT};
-use weir_common::{ct::*, lb::*, metrics::*};
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    programs::TcContext,
+};
+use weir_common::{Addr, ct::*, lb::*, metrics::*};
 
 use crate::{
     ct, lb,
+    maps::{CONFIG, WORK, Work},
     metrics::count,
     nat::{self, End},
-    parse::{self, FRAG_LATER, Pkt},
+    parse::{self, FRAG_LATER},
+    reject,
 };
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -32,161 +43,317 @@ impl Hook {
     }
 }
 
+/// The outcome of a stage, packed into a u32 because BPF-to-BPF calls return in one
+/// register: bits 0-7 kind, 8-15 reason.
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+pub struct Out(u32);
+
+const OUT_OK: u32 = 0;
+const OUT_DROP: u32 = 1;
+const OUT_REJECT: u32 = 2;
+
+impl Out {
+    const OK: Out = Out(OUT_OK);
+    #[inline(always)]
+    fn drop(reason: u8) -> Out {
+        Out(OUT_DROP | (reason as u32) << 8)
+    }
+    #[inline(always)]
+    fn reject(reason: u8) -> Out {
+        Out(OUT_REJECT | (reason as u32) << 8)
+    }
+    #[inline(always)]
+    fn kind(self) -> u32 {
+        self.0 & 0xff
+    }
+    #[inline(always)]
+    fn reason(self) -> u8 {
+        (self.0 >> 8) as u8
+    }
+}
+
+/// `?` for stages returning `Out`: anything but OK returns early.
+macro_rules! stage {
+    ($e:expr) => {{
+        let o: Out = $e;
+        if o.kind() != OUT_OK {
+            return o;
+        }
+    }};
+}
+
 #[inline(always)]
-pub fn handle(ctx: &aya_ebpf::programs::TcContext, hook: Hook) -> i32 {
-    let pkt = match parse::parse(ctx) {
-        Ok(Some(p)) => p,
-        Ok(None) => return TC_ACT_OK,
+pub fn handle(ctx: &TcContext, hook: Hook) -> i32 {
+    let Some(w) = WORK.get_ptr_mut(0) else {
+        return TC_ACT_OK;
+    };
+    let w = unsafe { &mut *w };
+    match parse::parse(ctx, &mut w.pkt) {
+        Ok(true) => {}
+        Ok(false) => return TC_ACT_OK,
         Err(()) => {
             count(REASON_PARSE_ERROR, hook.dir(), ctx.len());
             return TC_ACT_OK;
         }
-    };
-    if pkt.frag == FRAG_LATER || !pkt.has_ports() {
-        count(REASON_FORWARDED, hook.dir(), pkt.len);
+    }
+    if w.pkt.frag == FRAG_LATER || !w.pkt.has_ports() || hook == Hook::ToPod {
+        count(REASON_FORWARDED, hook.dir(), w.pkt.len);
         return TC_ACT_OK;
     }
-    if hook == Hook::ToPod {
-        count(REASON_FORWARDED, hook.dir(), pkt.len);
-        return TC_ACT_OK;
-    }
-    match ingress(ctx, &pkt, hook) {
-        Ok(r) => r,
-        Err(reason) => {
-            count(reason, hook.dir(), pkt.len);
+    let o = ingress(ctx, w, hook == Hook::FromPod);
+    match o.kind() {
+        OUT_OK => TC_ACT_OK,
+        OUT_REJECT => {
+            count(o.reason(), hook.dir(), w.pkt.len);
+            reject::reject(ctx, &w.pkt)
+        }
+        _ => {
+            count(o.reason(), hook.dir(), w.pkt.len);
             TC_ACT_SHOT
         }
     }
 }
 
 /// Packets entering the node's forwarding path (from a pod, or from an uplink).
-#[inline(always)]
-fn ingress(ctx: &aya_ebpf::programs::TcContext, pkt: &Pkt, hook: Hook) -> Result<i32, u8> {
-    let now = ct::now_ns();
+#[inline(never)]
+fn ingress(ctx: &TcContext, w: &mut Work, from_pod: bool) -> Out {
+    let dir = if from_pod { DIR_EGRESS } else { DIR_INGRESS };
 
     // 1. A reply of a tracked flow? Reverse its translation.
-    let rkey = ct::reply_key_of(pkt, CT_KIND_FLOW);
-    if let Some(e) = ct::lookup(&rkey) {
-        ct::touch(e, pkt, true, now);
-        // Read only the fields needed (the entry is too large to copy to the stack).
-        let flags = unsafe { (*e).flags };
-        if flags & CT_F_DNAT != 0 {
-            let (fe_addr, fe_port) = unsafe { ((*e).nat_dst, (*e).nat_dport_be) };
-            let mut p = *pkt;
-            nat::rewrite(ctx, &p, End::Src, &fe_addr, fe_port).map_err(|_| REASON_NAT_FAILED)?;
-            if flags & CT_F_SNAT != 0 {
-                p.src = fe_addr;
-                p.sport_be = fe_port;
-                let (cl_addr, cl_port) = unsafe { ((*e).nat_src, (*e).nat_sport_be) };
-                nat::rewrite(ctx, &p, End::Dst, &cl_addr, cl_port)
-                    .map_err(|_| REASON_NAT_FAILED)?;
-            }
-            count(REASON_REV_TRANSLATED, hook.dir(), pkt.len);
-            return Ok(TC_ACT_OK);
+    ct::set_reply_key(&mut w.key, &w.pkt, CT_KIND_FLOW);
+    if let Some(e) = ct::lookup(&w.key) {
+        ct::touch(e, &w.pkt, true, ct::now_ns());
+        if unsafe { (*e).flags } & CT_F_DNAT != 0 {
+            stage!(reverse(ctx, w, e));
+            count(REASON_REV_TRANSLATED, dir, w.pkt.len);
+        } else {
+            count(REASON_FORWARDED, dir, w.pkt.len);
         }
-        count(REASON_FORWARDED, hook.dir(), pkt.len);
-        return Ok(TC_ACT_OK);
+        return Out::OK;
     }
 
     // 2. Addressed to a Service frontend? Translate.
-    if let Some((fe, svc)) = lb::lookup_frontend(pkt) {
-        return service(ctx, pkt, hook, &fe, &svc, now);
+    if lb::lookup_frontend(w) {
+        stage!(service(ctx, w, from_pod));
+        count(REASON_TRANSLATED, dir, w.pkt.len);
+        return Out::OK;
     }
     // A ClusterIP on a port its Service does not have: rejected, as kube-proxy's
-    // nftables mode does (reject generation comes with the Services issue).
-    if lb::is_cluster_ip(pkt) {
-        return Err(REASON_UNKNOWN_PORT_REJECT);
+    // nftables mode does for every cluster IP ("cluster-ips" set, final reject rule).
+    if lb::is_cluster_ip(w) {
+        return Out::reject(REASON_UNKNOWN_PORT_REJECT);
     }
 
-    count(REASON_FORWARDED, hook.dir(), pkt.len);
-    Ok(TC_ACT_OK)
+    count(REASON_FORWARDED, dir, w.pkt.len);
+    Out::OK
 }
 
-#[inline(always)]
-fn service(
-    ctx: &aya_ebpf::programs::TcContext,
-    pkt: &Pkt,
-    hook: Hook,
-    fe: &ServiceKey,
-    svc: &ServiceValue,
-    now: u64,
-) -> Result<i32, u8> {
-    // The connection's backend: kept in the SVC entry so every packet of a connection
-    // goes to the same backend; chosen anew if the entry is stale or its backend is gone.
-    let skey = ct::key_of(pkt, CT_KIND_SVC);
-    let mut chosen: Option<(u32, Backend)> = None;
-    if let Some(e) = ct::lookup(&skey)
-        && !ct::is_stale(e, pkt, now)
+/// Rewrites a reply of a translated flow back: source := the frontend the client used;
+/// destination := the client if it was masqueraded.
+#[inline(never)]
+fn reverse(ctx: &TcContext, w: &mut Work, e: *mut CtEntry) -> Out {
+    let (flags, fe_addr, fe_port) = unsafe { ((*e).flags, (*e).nat_dst, (*e).nat_dport_be) };
+    if nat::rewrite(ctx, &w.pkt, End::Src, &fe_addr, fe_port).is_err() {
+        return Out::drop(REASON_NAT_FAILED);
+    }
+    if flags & CT_F_SNAT != 0 {
+        let (cl_addr, cl_port) = unsafe { ((*e).nat_src, (*e).nat_sport_be) };
+        // The source already carries the frontend: the destination checksum update
+        // must start from the packet as the first rewrite left it.
+        let (d, dp) = (w.pkt.dst, w.pkt.dport_be);
+        w.pkt.src = fe_addr;
+        w.pkt.sport_be = fe_port;
+        if nat::rewrite_from(ctx, &w.pkt, End::Dst, &d, dp, &cl_addr, cl_port).is_err() {
+            return Out::drop(REASON_NAT_FAILED);
+        }
+    }
+    Out::OK
+}
+
+/// A packet to a Service frontend: keep the connection's translation or choose one,
+/// then track and rewrite.
+#[inline(never)]
+fn service(ctx: &TcContext, w: &mut Work, from_pod: bool) -> Out {
+    let now = ct::now_ns();
+    // loadBalancerSourceRanges: LoadBalancer-IP traffic from other sources is dropped
+    // (the nftables proxier's firewall-ips check).
+    if w.svc.flags & SVC_F_SRC_RANGES != 0 && !lb::source_allowed(w) {
+        return Out::drop(REASON_SOURCE_RANGE_DENIED);
+    }
+
+    // The connection's translation: kept in the SVC entry so every packet of a
+    // connection goes to the same backend; chosen anew if the entry is stale or its
+    // backend is gone (a vanished backend is a miss, never a blackhole).
+    ct::set_key(&mut w.key, &w.pkt, CT_KIND_SVC);
+    w.snat = 0;
+    w.nat_src = w.pkt.src;
+    w.nat_sport_be = w.pkt.sport_be;
+    let mut kept = false;
+    if let Some(e) = ct::lookup(&w.key)
+        && !ct::is_stale(e, &w.pkt, now)
     {
         let id = unsafe { (*e).backend_id };
         if let Some(be) = lb::backend(id)
             && unsafe { be.addr == (*e).nat_dst && be.port_be == (*e).nat_dport_be }
         {
-            ct::touch(e, pkt, false, now);
-            chosen = Some((id, be));
+            ct::touch(e, &w.pkt, false, now);
+            w.be_id = id;
+            w.be = be;
+            if unsafe { (*e).flags } & CT_F_SNAT != 0 {
+                w.snat = 1;
+                unsafe {
+                    w.nat_src = (*e).nat_src;
+                    w.nat_sport_be = (*e).nat_sport_be;
+                }
+            }
+            kept = true;
         }
     }
-    let (be_id, be) = match chosen {
-        Some(c) => c,
-        None => {
-            let (scope, n) = lb::backend_set(svc, hook == Hook::FromPod);
-            let Some(c) = lb::select_random(fe, scope, n) else {
-                // Upstream: no endpoints at all -> reject; endpoints exist but none is
-                // usable here (Local policy) -> drop. Reject generation comes with the
-                // Services issue; until then both drop, counted apart.
-                return Err(if svc.flags & SVC_F_HAS_ENDPOINTS != 0 {
-                    REASON_NO_LOCAL_BACKEND_DROP
-                } else {
-                    REASON_NO_BACKEND_REJECT
-                });
-            };
-            let e = ct::scratch_entry(pkt, now).ok_or(REASON_CT_FULL)?;
-            unsafe {
-                (*e).flags |= CT_F_DNAT;
-                (*e).nat_src = pkt.src;
-                (*e).nat_sport_be = pkt.sport_be;
-                (*e).nat_dst = c.1.addr;
-                (*e).nat_dport_be = c.1.port_be;
-                (*e).backend_id = c.0;
-                (*e).rev_nat_id = svc.rev_nat_id;
-            }
-            ct::insert_ptr(&skey, e).map_err(|_| REASON_CT_FULL)?;
-            c
+    if !kept {
+        stage!(choose(w, from_pod));
+        ct::init_entry(&mut w.ct, &w.pkt, now);
+        w.ct.flags |= CT_F_DNAT | if w.snat != 0 { CT_F_SNAT } else { 0 };
+        w.ct.nat_src = w.nat_src;
+        w.ct.nat_sport_be = w.nat_sport_be;
+        w.ct.nat_dst = w.be.addr;
+        w.ct.nat_dport_be = w.be.port_be;
+        w.ct.backend_id = w.be_id;
+        w.ct.rev_nat_id = w.svc.rev_nat_id;
+        // w.key still holds the SVC key (choose does not touch it).
+        if ct::insert(&w.key, &w.ct).is_err() {
+            return Out::drop(REASON_CT_FULL);
         }
-    };
+    }
+    track_and_rewrite(ctx, w, now)
+}
 
-    // The flow as it will be on the wire, tracked so that replies find their way back.
-    let fkey = CtKey {
-        src: pkt.src,
-        dst: be.addr,
-        sport_be: pkt.sport_be,
-        dport_be: be.port_be,
-        proto: pkt.proto,
+/// Tracks the flow as it will be on the wire (so replies find their way back: a reply
+/// gets source := the frontend the client used and, if masqueraded, destination := the
+/// client), then rewrites the packet.
+#[inline(never)]
+fn track_and_rewrite(ctx: &TcContext, w: &mut Work, now: u64) -> Out {
+    w.key = CtKey {
+        src: w.nat_src,
+        dst: w.be.addr,
+        sport_be: w.nat_sport_be,
+        dport_be: w.be.port_be,
+        proto: w.pkt.proto,
         kind: CT_KIND_FLOW,
         pad: [0; 2],
     };
-    let fresh = match ct::lookup(&fkey) {
-        Some(e) if !ct::is_stale(e, pkt, now) => {
-            ct::touch(e, pkt, false, now);
+    let fresh = match ct::lookup(&w.key) {
+        Some(e) if !ct::is_stale(e, &w.pkt, now) => {
+            ct::touch(e, &w.pkt, false, now);
             false
         }
         _ => true,
     };
     if fresh {
-        let e = ct::scratch_entry(pkt, now).ok_or(REASON_CT_FULL)?;
-        unsafe {
-            (*e).flags |= CT_F_DNAT;
-            (*e).nat_src = pkt.src;
-            (*e).nat_sport_be = pkt.sport_be;
-            (*e).nat_dst = pkt.dst;
-            (*e).nat_dport_be = pkt.dport_be;
-            (*e).backend_id = be_id;
-            (*e).rev_nat_id = svc.rev_nat_id;
+        ct::init_entry(&mut w.ct, &w.pkt, now);
+        w.ct.flags |= CT_F_DNAT | if w.snat != 0 { CT_F_SNAT } else { 0 };
+        w.ct.nat_src = w.pkt.src;
+        w.ct.nat_sport_be = w.pkt.sport_be;
+        w.ct.nat_dst = w.pkt.dst;
+        w.ct.nat_dport_be = w.pkt.dport_be;
+        w.ct.backend_id = w.be_id;
+        w.ct.rev_nat_id = w.svc.rev_nat_id;
+        if ct::insert(&w.key, &w.ct).is_err() {
+            return Out::drop(REASON_CT_FULL);
         }
-        ct::insert_ptr(&fkey, e).map_err(|_| REASON_CT_FULL)?;
     }
+    if nat::rewrite(ctx, &w.pkt, End::Dst, &w.be.addr, w.be.port_be).is_err() {
+        return Out::drop(REASON_NAT_FAILED);
+    }
+    if w.snat != 0 {
+        let (s, sp) = (w.pkt.src, w.pkt.sport_be);
+        w.pkt.dst = w.be.addr;
+        w.pkt.dport_be = w.be.port_be;
+        if nat::rewrite_from(ctx, &w.pkt, End::Src, &s, sp, &w.nat_src, w.nat_sport_be).is_err() {
+            return Out::drop(REASON_NAT_FAILED);
+        }
+    }
+    Out::OK
+}
 
-    nat::rewrite(ctx, pkt, End::Dst, &be.addr, be.port_be).map_err(|_| REASON_NAT_FAILED)?;
-    count(REASON_TRANSLATED, hook.dir(), pkt.len);
-    Ok(TC_ACT_OK)
+/// Backend and masquerading for a new connection, into `w.be*`, `w.snat`, `w.nat_*`.
+#[inline(never)]
+fn choose(w: &mut Work, from_pod: bool) -> Out {
+    let Some(cfg) = CONFIG.get_ptr(0) else {
+        return Out::drop(REASON_UNSUPPORTED);
+    };
+    // kube-proxy's local detector: a source is "local" (a pod) if it came from a pod
+    // interface of this node or lies in the cluster CIDR.
+    let src_is_pod = from_pod || unsafe { (*cfg).in_cluster_cidr(&w.pkt.src) };
+    let (scope, n) = lb::backend_set(&w.svc, src_is_pod);
+    if n == 0 {
+        // Upstream: no endpoints at all -> reject; endpoints exist but none is usable
+        // under a Local policy -> drop.
+        return if w.svc.flags & SVC_F_HAS_ENDPOINTS != 0 {
+            Out::drop(REASON_NO_LOCAL_BACKEND_DROP)
+        } else {
+            Out::reject(REASON_NO_BACKEND_REJECT)
+        };
+    }
+    if !lb::select(w, scope, n, cfg, ct::now_ns()) {
+        return Out::drop(REASON_NO_LOCAL_BACKEND_DROP);
+    }
+    // Masquerade (mark-for-masquerade in the nftables proxier):
+    // - external frontends under externalTrafficPolicy Cluster;
+    // - ClusterIP traffic from outside the cluster CIDR (not from a pod);
+    // - hairpin: a pod reaching itself through the Service (its own address as source
+    //   would be a martian to it).
+    let external = w.svc.flags & SVC_F_EXTERNAL != 0;
+    let snat = (external && w.svc.flags & SVC_F_MASQ != 0)
+        || (!external && !src_is_pod)
+        || w.be.addr == w.pkt.src;
+    if snat {
+        let masq = unsafe {
+            if w.pkt.v6 {
+                (*cfg).masq_v6
+            } else {
+                (*cfg).masq_v4
+            }
+        };
+        if masq == Addr::ZERO || masq == Addr::V4_ANY {
+            return Out::drop(REASON_NAT_FAILED);
+        }
+        w.snat = 1;
+        w.nat_src = masq;
+        let (min, max) = unsafe { ((*cfg).snat_port_min, (*cfg).snat_port_max) };
+        return snat_port(w, min, max);
+    }
+    Out::OK
+}
+
+/// A source port for a masqueraded flow: hashed from the connection so retries of the
+/// same connection tend to get the same port, then probed (bounded for the verifier)
+/// until the translated tuple is free in conntrack. The probe key is a local (this frame
+/// is small) because `w.key` holds the SVC key the caller inserts afterwards.
+#[inline(never)]
+fn snat_port(w: &mut Work, min: u16, max: u16) -> Out {
+    let (min, max) = (min as u32, max as u32);
+    if min == 0 || max < min {
+        return Out::drop(REASON_SNAT_PORTS_EXHAUSTED);
+    }
+    let range = max - min + 1;
+    let start = lb::hash_tuple(&w.pkt).checked_rem(range).unwrap_or(0);
+    let mut key = CtKey {
+        src: w.nat_src,
+        dst: w.be.addr,
+        sport_be: 0,
+        dport_be: w.be.port_be,
+        proto: w.pkt.proto,
+        kind: CT_KIND_FLOW,
+        pad: [0; 2],
+    };
+    for i in 0..16u32 {
+        let port = (min + (start + i * 7919).checked_rem(range).unwrap_or(0)) as u16;
+        key.sport_be = port.to_be();
+        if ct::lookup(&key).is_none() {
+            w.nat_sport_be = port.to_be();
+            return Out::OK;
+        }
+    }
+    Out::drop(REASON_SNAT_PORTS_EXHAUSTED)
 }

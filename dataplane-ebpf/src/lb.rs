@@ -1,59 +1,60 @@
 //! Frontend lookup and backend selection (see `weir_common::lb` for the map layout).
+//! Keys are built in the per-CPU [`Work`] slot, not on the stack.
 
-use aya_ebpf::helpers::bpf_get_prandom_u32;
-use weir_common::{Addr, lb::*};
+use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_get_prandom_u32};
+use weir_common::{Addr, config::NodeConfig, lb::*};
 
 use crate::{
-    maps::{BACKENDS, NODE_ADDRS, SERVICES},
+    maps::{AFFINITY, BACKENDS, MAGLEV, NODE_ADDRS, SERVICES, SOURCE_RANGES, Work},
     parse::Pkt,
 };
 
 #[inline(always)]
-fn master_key(addr: Addr, port_be: u16, proto: u8) -> ServiceKey {
-    ServiceKey {
-        addr,
-        port_be,
-        proto,
-        scope: SCOPE_CLUSTER,
-        slot: 0,
-        pad: [0; 2],
-    }
+fn set_master(key: &mut ServiceKey, addr: Addr, port_be: u16, proto: u8) {
+    key.addr = addr;
+    key.port_be = port_be;
+    key.proto = proto;
+    key.scope = SCOPE_CLUSTER;
+    key.slot = 0;
+    key.pad = [0; 2];
 }
 
-/// The frontend this packet is addressed to: an exact {address, port, protocol} match,
-/// else, if the destination is one of this node's addresses, a NodePort on the wildcard.
+/// Looks up the frontend this packet is addressed to into `w.fe` / `w.svc`: an exact
+/// {address, port, protocol} match, else, if the destination is one of this node's
+/// addresses, a NodePort on the family wildcard.
 #[inline(always)]
-pub fn lookup_frontend(pkt: &Pkt) -> Option<(ServiceKey, ServiceValue)> {
-    let mut key = master_key(pkt.dst, pkt.dport_be, pkt.proto);
-    if let Some(v) = unsafe { SERVICES.get(&key) } {
-        return Some((key, *v));
+pub fn lookup_frontend(w: &mut Work) -> bool {
+    set_master(&mut w.fe, w.pkt.dst, w.pkt.dport_be, w.pkt.proto);
+    if let Some(v) = unsafe { SERVICES.get(&w.fe) } {
+        w.svc = *v;
+        return true;
     }
-    if unsafe { NODE_ADDRS.get(&pkt.dst) }.is_some() {
-        key.addr = if pkt.v6 { Addr::V6_ANY } else { Addr::V4_ANY };
-        if let Some(v) = unsafe { SERVICES.get(&key) } {
-            return Some((key, *v));
+    if unsafe { NODE_ADDRS.get(&w.pkt.dst) }.is_some() {
+        w.fe.addr = if w.pkt.v6 { Addr::V6_ANY } else { Addr::V4_ANY };
+        if let Some(v) = unsafe { SERVICES.get(&w.fe) } {
+            w.svc = *v;
+            return true;
         }
     }
-    None
+    false
 }
 
 /// Whether the destination address is a ClusterIP at all (the port-0 marker entry):
 /// a packet to a port the Service does not have is then rejected.
 #[inline(always)]
-pub fn is_cluster_ip(pkt: &Pkt) -> bool {
-    let key = master_key(pkt.dst, 0, 0);
-    unsafe { SERVICES.get(&key) }.is_some()
+pub fn is_cluster_ip(w: &mut Work) -> bool {
+    set_master(&mut w.fe, w.pkt.dst, 0, 0);
+    unsafe { SERVICES.get(&w.fe) }.is_some()
 }
 
 /// The backend set to use for this packet: (scope, number of slots).
 #[inline(always)]
-pub fn backend_set(svc: &ServiceValue, source_is_local: bool) -> (u8, u16) {
+pub fn backend_set(svc: &ServiceValue, source_is_pod: bool) -> (u8, u16) {
     // Upstream: a Local policy uses the node-local endpoints, except that traffic from
-    // local pods or the node itself to an external address of an eTP=Local Service is
-    // short-circuited to the cluster-wide set (iptables proxier, "pod traffic for ...
-    // external destinations" / "masquerade LOCAL traffic"), pkg/proxy/iptables/proxier.go.
-    let local =
-        svc.flags & SVC_F_LOCAL != 0 && !(svc.flags & SVC_F_EXTERNAL != 0 && source_is_local);
+    // pods (the local detector) to an external address of an eTP=Local Service is
+    // short-circuited to the cluster-wide set ("pod traffic for ... external
+    // destinations", pkg/proxy/nftables/proxier.go).
+    let local = svc.flags & SVC_F_LOCAL != 0 && !(svc.flags & SVC_F_EXTERNAL != 0 && source_is_pod);
     if local {
         (SCOPE_LOCAL, svc.local_count)
     } else {
@@ -61,18 +62,115 @@ pub fn backend_set(svc: &ServiceValue, source_is_local: bool) -> (u8, u16) {
     }
 }
 
-/// Picks a backend uniformly at random among `count` slots of `scope`.
+/// loadBalancerSourceRanges: whether the packet's source lies in one of the frontend's
+/// ranges.
 #[inline(always)]
-pub fn select_random(fe: &ServiceKey, scope: u8, count: u16) -> Option<(u32, Backend)> {
-    if count == 0 {
-        return None;
+pub fn source_allowed(w: &mut Work) -> bool {
+    w.range_key.prefix_len = 32 + 128;
+    w.range_key.data = SourceRangeKey {
+        rev_nat_id: w.svc.rev_nat_id,
+        addr: w.pkt.src,
+    };
+    SOURCE_RANGES.get(&w.range_key).is_some()
+}
+
+/// A hash of the 5-tuple (used by Maglev and SNAT port choice). The same on every node,
+/// so Maglev picks the same backend for a flow wherever it lands.
+#[inline(always)]
+pub fn hash_tuple(pkt: &Pkt) -> u32 {
+    #[inline(always)]
+    fn mix(h: u32, v: u32) -> u32 {
+        let h = (h ^ v).wrapping_mul(0x9e37_79b1);
+        h ^ (h >> 15)
     }
-    let r = unsafe { bpf_get_prandom_u32() };
-    let slot = (r % count as u32) as u16 + 1;
-    let key = ServiceKey { scope, slot, ..*fe };
-    let id = unsafe { SERVICES.get(&key) }?.backend_id;
-    let be = unsafe { BACKENDS.get(&id) }?;
-    Some((id, *be))
+    let mut h = 0x811c_9dc5u32;
+    h = mix(h, pkt.src.w[0]);
+    h = mix(h, pkt.src.w[1]);
+    h = mix(h, pkt.src.w[2]);
+    h = mix(h, pkt.src.w[3]);
+    h = mix(h, pkt.dst.w[0]);
+    h = mix(h, pkt.dst.w[1]);
+    h = mix(h, pkt.dst.w[2]);
+    h = mix(h, pkt.dst.w[3]);
+    h = mix(h, (pkt.sport_be as u32) << 16 | pkt.dport_be as u32);
+    mix(h, pkt.proto as u32)
+}
+
+#[inline(always)]
+fn slot_backend(w: &mut Work, scope: u8, slot: u16) -> Option<u32> {
+    w.slot = w.fe;
+    w.slot.scope = scope;
+    w.slot.slot = slot;
+    unsafe { SERVICES.get(&w.slot) }.map(|v| v.backend_id)
+}
+
+/// Picks the backend for a new connection among `count` slots of `scope` into `w.be_id`
+/// and `w.be`: the client's affinity entry if it is fresh and its slot still names the
+/// same backend; else Maglev (if the frontend uses it) or a uniformly random slot.
+#[inline(always)]
+pub fn select(w: &mut Work, scope: u8, count: u16, cfg: *const NodeConfig, now: u64) -> bool {
+    let affinity = w.svc.flags & SVC_F_AFFINITY != 0;
+    if affinity {
+        w.akey = AffinityKey {
+            client: w.pkt.src,
+            rev_nat_id: w.svc.rev_nat_id,
+            scope,
+            pad: [0; 3],
+        };
+        if let Some(a) = AFFINITY.get_ptr_mut(&w.akey) {
+            let (id, slot, last) = unsafe { ((*a).backend_id, (*a).slot, (*a).last_used_ns) };
+            let fresh = now.saturating_sub(last) <= w.svc.affinity_timeout_s as u64 * 1_000_000_000;
+            let still_there =
+                slot == 0 || (slot <= count && slot_backend(w, scope, slot) == Some(id));
+            if fresh
+                && still_there
+                && let Some(be) = backend(id)
+            {
+                // kube-proxy refreshes the affinity timer on every new connection.
+                unsafe { (*a).last_used_ns = now };
+                w.be_id = id;
+                w.be = be;
+                return true;
+            }
+        }
+    }
+
+    let (id, slot) = if w.svc.flags & SVC_F_MAGLEV != 0 {
+        let size = unsafe { (*cfg).maglev_table_size };
+        w.mkey = MaglevKey {
+            rev_nat_id: w.svc.rev_nat_id,
+            scope,
+            pad: [0; 3],
+            // checked_rem: the verifier rejects a division it cannot prove non-zero.
+            index: hash_tuple(&w.pkt).checked_rem(size).unwrap_or(0),
+        };
+        let Some(id) = (unsafe { MAGLEV.get(&w.mkey) }) else {
+            return false;
+        };
+        (*id, 0u16)
+    } else {
+        let r = unsafe { bpf_get_prandom_u32() };
+        let slot = r.checked_rem(count as u32).unwrap_or(0) as u16 + 1;
+        let Some(id) = slot_backend(w, scope, slot) else {
+            return false;
+        };
+        (id, slot)
+    };
+    let Some(be) = backend(id) else {
+        return false;
+    };
+    w.be_id = id;
+    w.be = be;
+    if affinity {
+        w.aval = AffinityValue {
+            backend_id: id,
+            slot,
+            pad: 0,
+            last_used_ns: now,
+        };
+        let _ = AFFINITY.insert(&w.akey, &w.aval, BPF_ANY as u64);
+    }
+    true
 }
 
 /// The backend with this id, if it still exists.

@@ -6,6 +6,7 @@
 //! - `lb`: frontend lookup and backend selection.
 //! - `nat`: header rewrites with checksum updates.
 //! - `metrics`: per-CPU counters.
+//! - `reject`: TCP RST / ICMP port unreachable generated in place.
 //! - `flow`: the per-packet pipeline the TC entry points share.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
@@ -24,6 +25,8 @@ mod metrics;
 mod nat;
 #[cfg(target_arch = "bpf")]
 mod parse;
+#[cfg(target_arch = "bpf")]
+mod reject;
 
 #[cfg(target_arch = "bpf")]
 mod programs {

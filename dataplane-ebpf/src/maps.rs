@@ -4,16 +4,21 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
 };
 use weir_common::{
     Addr,
     config::{NodeAddrValue, NodeConfig},
     ct::{CtEntry, CtKey},
-    lb::{AffinityKey, AffinityValue, Backend, MaglevKey, RevNat, ServiceKey, ServiceValue},
+    lb::{
+        AffinityKey, AffinityValue, Backend, MaglevKey, RevNat, ServiceKey, ServiceValue,
+        SourceRangeKey,
+    },
     maps::*,
     metrics::{Counter, REASON_MAX},
 };
+
+use crate::parse::Pkt;
 
 #[map]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(DEFAULT_SERVICES_MAX, 0);
@@ -32,15 +37,42 @@ pub static CT: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(DEFAULT_CT_MAX, 0
 pub static METRICS: PerCpuArray<Counter> = PerCpuArray::pinned(REASON_MAX * 2, 0);
 #[map]
 pub static CONFIG: Array<NodeConfig> = Array::pinned(1, 0);
-/// Per-CPU scratch space for values too large for the 512-byte BPF stack (a program runs
-/// to completion on one CPU, so one slot per CPU is enough).
+/// Per-packet working state, in a per-CPU array instead of on the stack: the BPF stack
+/// is 512 bytes for a whole call chain, and keys and entries here add up to more than
+/// that. A TC program runs to completion on its CPU and TC programs do not nest (ingress
+/// runs in softirq, egress with bottom halves disabled), so one slot per CPU suffices.
+/// Socket-hook programs (process context, interruptible by softirq) must not use it.
+/// Every field is written before it is read within one packet.
 #[repr(C)]
-pub struct Scratch {
+pub struct Work {
+    pub pkt: Pkt,
+    /// Conntrack key being looked up or inserted.
+    pub key: CtKey,
+    /// Conntrack entry being built.
     pub ct: CtEntry,
+    /// The frontend's master key and (copied) value.
+    pub fe: ServiceKey,
+    pub svc: ServiceValue,
+    /// Key for backend-slot lookups.
+    pub slot: ServiceKey,
+    /// The connection's translation.
+    pub be: Backend,
+    pub be_id: u32,
+    pub snat: u32,
+    pub nat_src: Addr,
+    pub nat_sport_be: u16,
+    pub pad: [u8; 6],
+    pub akey: AffinityKey,
+    pub aval: AffinityValue,
+    pub mkey: MaglevKey,
+    pub range_key: Key<SourceRangeKey>,
 }
 
 #[map]
-pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+pub static WORK: PerCpuArray<Work> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 pub static NODE_ADDRS: HashMap<Addr, NodeAddrValue> = HashMap::pinned(DEFAULT_NODE_ADDRS_MAX, 0);
+#[map]
+pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u32> =
+    LpmTrie::pinned(DEFAULT_SOURCE_RANGES_MAX, 0);

@@ -42,14 +42,29 @@ fn l4_flags(pkt: &Pkt) -> u64 {
     }
 }
 
-/// Rewrites one end's address and port. `pkt` describes the packet before the rewrite;
-/// callers update their copy if they rewrite both ends.
+/// Rewrites one end's address and port. `pkt` gives offsets, family and protocol (and
+/// the current addresses unless `old` overrides them: a second rewrite of the same packet
+/// passes the values the first rewrite left, instead of copying the whole `Pkt`).
 #[inline(always)]
 pub fn rewrite(ctx: &TcContext, pkt: &Pkt, end: End, addr: &Addr, port_be: u16) -> Result<(), ()> {
     let (old_addr, old_port) = match end {
         End::Src => (pkt.src, pkt.sport_be),
         End::Dst => (pkt.dst, pkt.dport_be),
     };
+    rewrite_from(ctx, pkt, end, &old_addr, old_port, addr, port_be)
+}
+
+#[inline(always)]
+pub fn rewrite_from(
+    ctx: &TcContext,
+    pkt: &Pkt,
+    end: End,
+    old_addr: &Addr,
+    old_port: u16,
+    addr: &Addr,
+    port_be: u16,
+) -> Result<(), ()> {
+    let (old_addr, old_port) = (*old_addr, old_port);
     let csum_off = pkt.l4_csum_off();
     let flags = l4_flags(pkt);
     if old_addr != *addr {

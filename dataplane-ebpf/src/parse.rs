@@ -76,6 +76,7 @@ struct Ports {
     dst_be: u16,
 }
 
+#[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Pkt {
     pub l3_off: usize,
@@ -122,9 +123,10 @@ fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*const T> {
     Some((start + off) as *const T)
 }
 
-/// Parses the packet; `Ok(None)` for non-IP traffic, `Err(())` for a malformed packet.
+/// Parses the packet into `out`; `Ok(false)` for non-IP traffic, `Err(())` for a
+/// malformed packet.
 #[inline(always)]
-pub fn parse(ctx: &TcContext) -> Result<Option<Pkt>, ()> {
+pub fn parse(ctx: &TcContext, out: &mut Pkt) -> Result<bool, ()> {
     // Headers up to 14 + 40 + 4 * 8 (v6 options) + 20 (TCP) fit in 128 bytes; pull them
     // into the linear area if the skb is fragmented there (pull fails on short packets,
     // which the bounds checks below then reject).
@@ -134,7 +136,8 @@ pub fn parse(ctx: &TcContext) -> Result<Option<Pkt>, ()> {
     let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(())?;
     let eth_proto = u16::from_be(unsafe { (*eth).proto_be });
     let l3_off = ETH_HLEN;
-    let mut pkt = Pkt {
+    let pkt = out;
+    *pkt = Pkt {
         l3_off,
         l4_off: 0,
         src: Addr::ZERO,
@@ -221,11 +224,11 @@ pub fn parse(ctx: &TcContext) -> Result<Option<Pkt>, ()> {
             pkt.proto = next;
             pkt.l4_off = off;
         }
-        _ => return Ok(None),
+        _ => return Ok(false),
     }
 
     if pkt.frag == FRAG_LATER {
-        return Ok(Some(pkt));
+        return Ok(true);
     }
     match pkt.proto {
         proto::TCP => {
@@ -246,5 +249,5 @@ pub fn parse(ctx: &TcContext) -> Result<Option<Pkt>, ()> {
         }
         _ => {}
     }
-    Ok(Some(pkt))
+    Ok(true)
 }

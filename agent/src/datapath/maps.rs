@@ -6,13 +6,16 @@ use std::{collections::BTreeMap, path::Path};
 use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
+    maps::{
+        Array, HashMap, Map, MapData, MapError, PerCpuArray,
+        lpm_trie::{Key as LpmKey, LpmTrie},
+    },
 };
 use weir_common::{
     Addr,
     config::{NodeAddrValue, NodeConfig},
     ct::{CtEntry, CtKey},
-    lb::{Backend, RevNat, ServiceKey, ServiceValue},
+    lb::{Backend, MaglevKey, RevNat, ServiceKey, ServiceValue, SourceRangeKey},
     maps as names,
     metrics::Counter,
 };
@@ -39,6 +42,7 @@ pub fn expected_layout(name: &str) -> Option<(u32, u32)> {
         names::METRICS => s(4, size_of::<Counter>()),
         names::CONFIG => s(4, size_of::<NodeConfig>()),
         names::NODE_ADDRS => s(size_of::<Addr>(), size_of::<NodeAddrValue>()),
+        names::SOURCE_RANGES => s(4 + size_of::<SourceRangeKey>(), 4),
         _ => None,
     }
 }
@@ -49,6 +53,8 @@ pub struct AyaDatapath {
     backends: HashMap<MapData, u32, Backend>,
     rev_nat: HashMap<MapData, u32, RevNat>,
     node_addrs: HashMap<MapData, Addr, NodeAddrValue>,
+    source_ranges: LpmTrie<MapData, SourceRangeKey, u32>,
+    maglev: HashMap<MapData, MaglevKey, u32>,
     config: Array<MapData, NodeConfig>,
     capacities: BTreeMap<&'static str, u32>,
 }
@@ -77,6 +83,8 @@ impl AyaDatapath {
             backends: take(ebpf, names::BACKENDS)?.try_into()?,
             rev_nat: take(ebpf, names::REV_NAT)?.try_into()?,
             node_addrs: take(ebpf, names::NODE_ADDRS)?.try_into()?,
+            source_ranges: take(ebpf, names::SOURCE_RANGES)?.try_into()?,
+            maglev: take(ebpf, names::MAGLEV)?.try_into()?,
             config: take(ebpf, names::CONFIG)?.try_into()?,
             capacities,
         })
@@ -97,6 +105,8 @@ impl AyaDatapath {
             backends: open_pinned(pin_dir, names::BACKENDS)?.try_into()?,
             rev_nat: open_pinned(pin_dir, names::REV_NAT)?.try_into()?,
             node_addrs: open_pinned(pin_dir, names::NODE_ADDRS)?.try_into()?,
+            source_ranges: open_pinned(pin_dir, names::SOURCE_RANGES)?.try_into()?,
+            maglev: open_pinned(pin_dir, names::MAGLEV)?.try_into()?,
             config: open_pinned(pin_dir, names::CONFIG)?.try_into()?,
             capacities,
         })
@@ -118,6 +128,14 @@ impl AyaDatapath {
             Op::DelRevNat(k) => ignore_missing(self.rev_nat.remove(k)),
             Op::DelBackend(k) => ignore_missing(self.backends.remove(k)),
             Op::DelNodeAddr(k) => ignore_missing(self.node_addrs.remove(k)),
+            Op::PutSourceRange((plen, k), v) => {
+                self.source_ranges.insert(&LpmKey::new(*plen, *k), v, 0)
+            }
+            Op::DelSourceRange((plen, k)) => {
+                ignore_missing(self.source_ranges.remove(&LpmKey::new(*plen, *k)))
+            }
+            Op::PutMaglev(k, v) => self.maglev.insert(k, v, 0),
+            Op::DelMaglev(k) => ignore_missing(self.maglev.remove(k)),
         }
     }
 }
@@ -156,12 +174,12 @@ impl Datapath for AyaDatapath {
                     ApplyError::MapFull {
                         map,
                         capacity: self.capacities.get(map).copied().unwrap_or(0),
-                        op: op.clone(),
+                        op: Box::new(op.clone()),
                     }
                 } else {
                     ApplyError::Write {
                         map,
-                        op: op.clone(),
+                        op: Box::new(op.clone()),
                         reason: e.to_string(),
                     }
                 };
@@ -196,7 +214,16 @@ impl Datapath for AyaDatapath {
             let (k, v) = r.map_err(e)?;
             img.node_addrs.insert(k, v);
         }
+        for r in self.source_ranges.iter() {
+            let (k, v) = r.map_err(e)?;
+            img.source_ranges.insert((k.prefix_len(), k.data()), v);
+        }
+        for r in self.maglev.iter() {
+            let (k, v) = r.map_err(e)?;
+            img.maglev.insert(k, v);
+        }
         let c = self.config.get(&0, 0).map_err(e)?;
+
         if c != NodeConfig::default() {
             img.config = Some(c);
         }
