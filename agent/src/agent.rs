@@ -51,7 +51,8 @@ pub struct AgentConfig {
     pub capacities: BTreeMap<String, u32>,
     pub poll: Duration,
     pub debounce: Duration,
-    pub settings_flags: u32,
+    /// Node-level datapath settings (`node_name` is overwritten with `node_name` above).
+    pub node: NodeSettings,
 }
 
 /// Name of the file in a directory source whose number the agent reports as the input
@@ -76,8 +77,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
         .map_err(|e| anyhow::anyhow!("reading pinned maps: {e}"))?;
     let mut pipeline = Pipeline::new(NodeSettings {
         node_name: cfg.node_name.clone(),
-        flags: cfg.settings_flags,
-        ..Default::default()
+        ..cfg.node.clone()
     });
     pipeline.ids.seed_from(&current);
     info!(

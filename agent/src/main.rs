@@ -91,6 +91,41 @@ struct AgentArgs {
     /// Enter this network namespace (by name, /run/netns) before starting.
     #[arg(long)]
     netns: Option<String>,
+    /// The cluster's pod CIDRs, one per family (kube-proxy's --cluster-cidr): sources in
+    /// them are pods, which decides masquerading and the eTP=Local short-circuit.
+    #[arg(long, value_delimiter = ',')]
+    cluster_cidr: Vec<ipnet::IpNet>,
+    /// The service CIDRs, one per family: unallocated addresses in them are dropped.
+    #[arg(long, value_delimiter = ',')]
+    service_cidr: Vec<ipnet::IpNet>,
+    /// Node addresses that accept NodePorts, as CIDRs (kube-proxy's --nodeport-addresses).
+    /// Empty: the node's primary address of each family (the nftables default).
+    /// NodePorts are never served on loopback addresses.
+    #[arg(long, value_delimiter = ',')]
+    nodeport_addresses: Vec<ipnet::IpNet>,
+    /// Backend selection for every Service: random (kube-proxy's), or maglev
+    /// (consistent hashing; per Service with the annotation weir.dev/lb-algorithm: maglev).
+    #[arg(long, value_enum, default_value_t = LbAlgorithm::Random)]
+    lb_algorithm: LbAlgorithm,
+    /// Entries of each Maglev lookup table (a prime, e.g. 251, 1021, 4093, 16381).
+    #[arg(long, default_value_t = weir_common::maps::DEFAULT_MAGLEV_TABLE_SIZE, value_parser = parse_prime)]
+    maglev_table_size: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LbAlgorithm {
+    Random,
+    Maglev,
+}
+
+fn parse_prime(s: &str) -> Result<u32, String> {
+    let n: u32 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if !weir_core::maglev::is_prime(n) || n > 1 << 20 {
+        return Err(format!(
+            "{n} must be a prime up to 1048576 (e.g. 1021, 16381)"
+        ));
+    }
+    Ok(n)
 }
 
 fn parse_kv(s: &str) -> Result<(String, u32), String> {
@@ -158,7 +193,17 @@ fn real_main(cli: Cli) -> Result<()> {
                 capacities: a.map_sizes.into_iter().collect::<BTreeMap<_, _>>(),
                 poll: Duration::from_millis(a.poll_ms.max(10)),
                 debounce: Duration::from_millis(a.debounce_ms),
-                settings_flags: 0,
+                node: weir_core::pipeline::NodeSettings {
+                    cluster_cidrs: a.cluster_cidr,
+                    service_cidrs: a.service_cidr,
+                    nodeport_cidrs: a.nodeport_addresses,
+                    compile: weir_core::compile::CompileOptions {
+                        maglev_table_size: a.maglev_table_size,
+                        maglev_all: a.lb_algorithm == LbAlgorithm::Maglev,
+                        node_ips: Vec::new(),
+                    },
+                    ..Default::default()
+                },
             };
             runtime()?.block_on(agent::run(cfg, shutdown_signal()))
         }

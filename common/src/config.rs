@@ -16,7 +16,13 @@ pub struct NodeConfig {
     pub cluster_v6: Addr,
     pub cluster_v4_plen: u8,
     pub cluster_v6_plen: u8,
-    pub pad: [u8; 2],
+    /// The service CIDR per family (kube-apiserver's --service-cluster-ip-range): a
+    /// destination inside it that is no Service's ClusterIP is dropped, as the nftables
+    /// proxier does. Prefix length 0 = unset.
+    pub service_v4_plen: u8,
+    pub service_v6_plen: u8,
+    pub service_v4: Addr,
+    pub service_v6: Addr,
     /// `CFG_F_*`.
     pub flags: u32,
     /// Source ports for masqueraded flows: `[snat_port_min, snat_port_max]`, host order.
@@ -29,13 +35,14 @@ pub struct NodeConfig {
 }
 crate::assert_layout!(
     NodeConfig,
-    size = 88,
+    size = 120,
     cluster_v4 = 32,
     cluster_v4_plen = 64,
-    flags = 68,
-    snat_port_min = 72,
-    maglev_table_size = 76,
-    generation = 80
+    service_v4 = 68,
+    flags = 100,
+    snat_port_min = 104,
+    maglev_table_size = 108,
+    generation = 112
 );
 
 impl NodeConfig {
@@ -48,6 +55,18 @@ impl NodeConfig {
         } else {
             self.cluster_v6_plen != 0
                 && crate::addr::in_prefix(a, &self.cluster_v6, self.cluster_v6_plen as u32)
+        }
+    }
+
+    /// Whether `a` lies in the service CIDR of its family.
+    #[inline(always)]
+    pub fn in_service_cidr(&self, a: &Addr) -> bool {
+        if a.is_v4() {
+            self.service_v4_plen != 0
+                && crate::addr::in_prefix(a, &self.service_v4, 96 + self.service_v4_plen as u32)
+        } else {
+            self.service_v6_plen != 0
+                && crate::addr::in_prefix(a, &self.service_v6, self.service_v6_plen as u32)
         }
     }
 }

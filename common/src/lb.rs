@@ -78,14 +78,18 @@ pub struct ServiceValue {
     pub flags: u32,
     /// Master: sessionAffinity timeout in seconds (0 when no affinity).
     pub affinity_timeout_s: u32,
-    pub pad: u32,
+    /// Master: the Service port this frontend belongs to (all frontends of one Service
+    /// port share it: the rev-NAT id of its ClusterIP frontend). Session affinity is per
+    /// Service port, whichever address the client used (upstream records per endpoint).
+    pub svc_port_id: u32,
 }
 crate::assert_layout!(
     ServiceValue,
     size = 24,
     count = 4,
     rev_nat_id = 8,
-    flags = 12
+    flags = 12,
+    svc_port_id = 20
 );
 
 #[repr(C)]
@@ -116,29 +120,42 @@ pub struct RevNat {
 }
 crate::assert_layout!(RevNat, size = 24, port_be = 16, proto = 18);
 
+/// `AFFINITY` key: sessionAffinity ClientIP is keyed by the client address alone, per
+/// Service port (upstream: one record per endpoint holding source IPs, consulted for the
+/// endpoints of the chain in use).
 #[repr(C)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
 pub struct AffinityKey {
     pub client: Addr,
-    pub rev_nat_id: u32,
-    pub scope: u8,
-    pub pad: [u8; 3],
+    pub svc_port_id: u32,
+    pub pad: u32,
 }
-crate::assert_layout!(AffinityKey, size = 24, rev_nat_id = 16, scope = 20);
+crate::assert_layout!(AffinityKey, size = 24, svc_port_id = 16);
 
 #[repr(C)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
 pub struct AffinityValue {
     pub backend_id: u32,
-    /// The slot the backend had when chosen (0 for Maglev choices): a hit is valid only
-    /// while that slot still names the same backend, so a backend that left the
-    /// Service is a miss even if another Service still uses it.
-    pub slot: u16,
-    pub pad: u16,
+    pub pad: u32,
     /// bpf_ktime_get_ns() of the last use (CLOCK_MONOTONIC).
     pub last_used_ns: u64,
 }
-crate::assert_layout!(AffinityValue, size = 16, slot = 4, last_used_ns = 8);
+crate::assert_layout!(AffinityValue, size = 16, last_used_ns = 8);
+
+/// `AFFINITY_SETS` key: "backend B is in scope S of Service port P". An affinity record
+/// is honoured only if its backend is still in the set the packet uses, so a backend
+/// that left the Service is a miss (even if another Service still uses it), and a record
+/// made through one frontend is honoured through another when the backend is in both
+/// sets, as upstream does. Written only for Services with affinity.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Default)]
+pub struct AffinitySetKey {
+    pub svc_port_id: u32,
+    pub backend_id: u32,
+    pub scope: u8,
+    pub pad: [u8; 3],
+}
+crate::assert_layout!(AffinitySetKey, size = 12, backend_id = 4, scope = 8);
 
 #[repr(C)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Default)]
@@ -164,6 +181,7 @@ pub struct SourceRangeKey {
 crate::assert_layout!(SourceRangeKey, size = 20, addr = 4);
 
 crate::impl_pod!(
+    AffinitySetKey,
     SourceRangeKey,
     ServiceKey,
     ServiceValue,

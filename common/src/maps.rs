@@ -11,6 +11,7 @@ pub const METRICS: &str = "METRICS";
 pub const CONFIG: &str = "CONFIG";
 pub const NODE_ADDRS: &str = "NODE_ADDRS";
 pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
+pub const AFFINITY_SETS: &str = "AFFINITY_SETS";
 
 pub const DEFAULT_SERVICES_MAX: u32 = 65536;
 pub const DEFAULT_BACKENDS_MAX: u32 = 65536;
@@ -35,4 +36,5 @@ pub const ALL: &[(&str, u32)] = &[
     (CONFIG, 1),
     (NODE_ADDRS, DEFAULT_NODE_ADDRS_MAX),
     (SOURCE_RANGES, DEFAULT_SOURCE_RANGES_MAX),
+    (AFFINITY_SETS, DEFAULT_BACKENDS_MAX),
 ];

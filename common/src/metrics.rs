@@ -20,12 +20,16 @@ pub const REASON_FRAGMENT: u8 = 11;
 pub const REASON_SNAT_PORTS_EXHAUSTED: u8 = 12;
 pub const REASON_POLICY_ISOLATED: u8 = 13;
 pub const REASON_UNKNOWN_PORT_REJECT: u8 = 14;
+/// A destination in the service CIDR that is no Service's ClusterIP (nftables drops it).
+pub const REASON_UNALLOCATED_SERVICE_IP: u8 = 15;
+/// A packet of an established TCP connection whose backend was removed: reset.
+pub const REASON_BACKEND_GONE_RESET: u8 = 16;
 
 /// Number of reason codes reserved (array size is `REASON_MAX * 2`).
 pub const REASON_MAX: u32 = 64;
 
 /// Human and metric names, indexed by reason code.
-pub const REASON_NAMES: [&str; 15] = [
+pub const REASON_NAMES: [&str; 17] = [
     "forwarded",
     "translated",
     "reverse_translated",
@@ -41,6 +45,8 @@ pub const REASON_NAMES: [&str; 15] = [
     "snat_ports_exhausted",
     "policy_isolated",
     "unknown_port_reject",
+    "unallocated_service_ip",
+    "backend_gone_reset",
 ];
 
 #[inline(always)]

@@ -196,12 +196,14 @@ pub fn backend_value(b: &BackendAddr, local: bool) -> Backend {
 const MAX_SLOTS: usize = u16::MAX as usize;
 
 /// Options of compilation that come from the node's configuration.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CompileOptions {
     /// Entries of each Maglev table (prime).
     pub maglev_table_size: u32,
     /// Use Maglev for every frontend, not only annotated Services.
     pub maglev_all: bool,
+    /// This node's primary addresses (one per family), for the source-range rule above.
+    pub node_ips: Vec<IpAddr>,
 }
 
 impl Default for CompileOptions {
@@ -209,6 +211,7 @@ impl Default for CompileOptions {
         Self {
             maglev_table_size: weir_common::maps::DEFAULT_MAGLEV_TABLE_SIZE,
             maglev_all: false,
+            node_ips: Vec::new(),
         }
     }
 }
@@ -223,6 +226,17 @@ pub fn compile_frontends(
 ) -> Result<MapImage, CompileError> {
     let mut img = MapImage::default();
     let mut cluster_ips: BTreeSet<Addr> = BTreeSet::new();
+    // Every frontend of one Service port shares the rev-NAT id of that port's first
+    // ClusterIP frontend as its Service-port id (session affinity is per Service port).
+    let mut svc_port_ids: BTreeMap<(&str, Protocol), u32> = BTreeMap::new();
+    for fe in frontends {
+        if fe.kind == crate::services::FrontendKind::ClusterIP {
+            let id = ids.frontend_id(&(fe.addr, fe.port, fe.protocol))?;
+            svc_port_ids
+                .entry((fe.port_name.as_str(), fe.protocol))
+                .or_insert(id);
+        }
+    }
     for fe in frontends {
         for (set, n) in [(&fe.cluster, fe.cluster.len()), (&fe.local, fe.local.len())] {
             if n > MAX_SLOTS {
@@ -237,6 +251,26 @@ pub fn compile_frontends(
         let proto = fe.protocol.number();
         let port_be = fe.port.to_be();
         let rev_nat_id = ids.frontend_id(&(fe.addr, fe.port, fe.protocol))?;
+        let svc_port_id = svc_port_ids
+            .get(&(fe.port_name.as_str(), fe.protocol))
+            .copied()
+            .unwrap_or(rev_nat_id);
+        if fe.affinity_timeout_s.is_some() {
+            for (scope, set) in [(SCOPE_CLUSTER, &fe.cluster), (SCOPE_LOCAL, &fe.local)] {
+                for b in set {
+                    let backend_id = ids.backend_id(b)?;
+                    img.affinity_sets.insert(
+                        AffinitySetKey {
+                            svc_port_id,
+                            backend_id,
+                            scope,
+                            pad: [0; 3],
+                        },
+                        1,
+                    );
+                }
+            }
+        }
         img.rev_nat.insert(
             rev_nat_id,
             RevNat {
@@ -292,7 +326,19 @@ pub fn compile_frontends(
                 }
             }
         }
-        for net in &fe.source_ranges {
+        // serviceport.go / proxier: if a range covers this node's primary IP, the LB VIP
+        // itself is an allowed source too (a node reaching a VIP assigned to itself
+        // arrives with the VIP as source).
+        let mut ranges = fe.source_ranges.clone();
+        if let FrontendAddr::Ip(vip) = fe.addr
+            && fe
+                .source_ranges
+                .iter()
+                .any(|n| opts.node_ips.iter().any(|ip| n.contains(ip)))
+        {
+            ranges.push(ipnet::IpNet::from(vip));
+        }
+        for net in &ranges {
             let (a, plen) = match net {
                 ipnet::IpNet::V4(n) => (IpAddr::V4(n.network()), 96 + n.prefix_len() as u32),
                 ipnet::IpNet::V6(n) => (IpAddr::V6(n.network()), n.prefix_len() as u32),
@@ -345,7 +391,7 @@ pub fn compile_frontends(
                 rev_nat_id,
                 flags,
                 affinity_timeout_s: fe.affinity_timeout_s.unwrap_or(0),
-                pad: 0,
+                svc_port_id,
             },
         );
         if fe.kind == crate::services::FrontendKind::ClusterIP {

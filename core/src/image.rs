@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use weir_common::{
     Addr,
     config::{NodeAddrValue, NodeConfig},
-    lb::{Backend, MaglevKey, RevNat, ServiceKey, ServiceValue, SourceRangeKey},
+    lb::{AffinitySetKey, Backend, MaglevKey, RevNat, ServiceKey, ServiceValue, SourceRangeKey},
 };
 
 /// An LPM key as (prefix length in bits, key data).
@@ -20,6 +20,7 @@ pub struct MapImage {
     pub node_addrs: BTreeMap<Addr, NodeAddrValue>,
     pub source_ranges: BTreeMap<Lpm<SourceRangeKey>, u32>,
     pub maglev: BTreeMap<MaglevKey, u32>,
+    pub affinity_sets: BTreeMap<AffinitySetKey, u32>,
     pub config: Option<NodeConfig>,
 }
 
@@ -34,6 +35,12 @@ impl MapImage {
             .extend(other.rev_nat.iter().map(|(k, v)| (*k, *v)));
         self.node_addrs
             .extend(other.node_addrs.iter().map(|(k, v)| (*k, *v)));
+        self.source_ranges
+            .extend(other.source_ranges.iter().map(|(k, v)| (*k, *v)));
+        self.maglev
+            .extend(other.maglev.iter().map(|(k, v)| (*k, *v)));
+        self.affinity_sets
+            .extend(other.affinity_sets.iter().map(|(k, v)| (*k, *v)));
         if other.config.is_some() {
             self.config = other.config;
         }
@@ -49,6 +56,7 @@ impl MapImage {
             (NODE_ADDRS, self.node_addrs.len()),
             (SOURCE_RANGES, self.source_ranges.len()),
             (MAGLEV, self.maglev.len()),
+            (AFFINITY_SETS, self.affinity_sets.len()),
         ])
     }
 }

@@ -31,6 +31,14 @@ pub struct NodeSettings {
     pub flags: u32,
     /// The cluster's pod CIDRs (kube-proxy's --cluster-cidr), at most one per family.
     pub cluster_cidrs: Vec<ipnet::IpNet>,
+    /// The service CIDRs (--service-cluster-ip-range), at most one per family.
+    pub service_cidrs: Vec<ipnet::IpNet>,
+    /// kube-proxy's --nodeport-addresses: empty means "primary" (the nftables default: the
+    /// node's first InternalIP of each family); otherwise the node's addresses inside
+    /// these CIDRs (Node addresses and `local_addrs`), loopback never.
+    pub nodeport_cidrs: Vec<ipnet::IpNet>,
+    /// Addresses configured on this node's interfaces (the agent reads them).
+    pub local_addrs: Vec<IpAddr>,
     pub compile: CompileOptions,
 }
 
@@ -44,6 +52,9 @@ impl Default for NodeSettings {
             snat_port_max: 65535,
             flags: 0,
             cluster_cidrs: Vec::new(),
+            service_cidrs: Vec::new(),
+            nodeport_cidrs: Vec::new(),
+            local_addrs: Vec::new(),
             compile: CompileOptions::default(),
         }
     }
@@ -78,8 +89,36 @@ impl Pipeline {
         }
     }
 
+    /// The node's primary address per family (kube-proxy's node IPs): its first
+    /// InternalIP of each family, else its first ExternalIP. They are the NodePort
+    /// addresses by default and the masquerade source.
+    pub fn primaries(&self, cluster: &Cluster) -> Vec<IpAddr> {
+        let Some(n) = cluster.nodes.get(&self.settings.node_name) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for v4 in [true, false] {
+            if let Some(a) = n
+                .internal_ips
+                .iter()
+                .chain(n.external_ips.iter())
+                .find(|a| a.is_ipv4() == v4)
+            {
+                out.push(*a);
+            }
+        }
+        out
+    }
+
     /// The desired image for `cluster`, and the Services that could not be compiled.
     pub fn desired(&mut self, cluster: &Cluster, generation: u64) -> (MapImage, Vec<ServiceError>) {
+        // Compilation depends on the node's addresses (source-range rule): a change there
+        // invalidates every cached Service image.
+        let node_ips = self.primaries(cluster);
+        if self.settings.compile.node_ips != node_ips {
+            self.settings.compile.node_ips = node_ips;
+            self.cache.clear();
+        }
         let node = cluster
             .nodes
             .get(&self.settings.node_name)
@@ -143,31 +182,48 @@ impl Pipeline {
             img.merge(&entry.image);
         }
 
-        let mut addrs: Vec<IpAddr> = Vec::new();
-        if let Some(n) = cluster.nodes.get(&self.settings.node_name) {
-            addrs.extend(n.internal_ips.iter().chain(n.external_ips.iter()).copied());
-        }
-        for a in &addrs {
+        let primaries = self.primaries(cluster);
+        let node_addrs: Vec<IpAddr> = if self.settings.nodeport_cidrs.is_empty() {
+            primaries.clone()
+        } else {
+            let mut v: Vec<IpAddr> = cluster
+                .nodes
+                .get(&self.settings.node_name)
+                .map(|n| {
+                    n.internal_ips
+                        .iter()
+                        .chain(n.external_ips.iter())
+                        .copied()
+                        .collect()
+                })
+                .unwrap_or_default();
+            v.extend(self.settings.local_addrs.iter().copied());
+            v.retain(|a| {
+                !a.is_loopback() && self.settings.nodeport_cidrs.iter().any(|n| n.contains(a))
+            });
+            v
+        };
+        for a in &node_addrs {
             img.node_addrs
                 .insert(Addr::from_ip(*a), NodeAddrValue { flags: 0 });
         }
         let masq = |v4: bool| {
-            addrs
+            primaries
                 .iter()
                 .find(|a| a.is_ipv4() == v4)
                 .map(|a| Addr::from_ip(*a))
                 .unwrap_or_default()
         };
-        let cidr = |v4: bool| {
-            self.settings
-                .cluster_cidrs
-                .iter()
+        let cidr = |nets: &[ipnet::IpNet], v4: bool| {
+            nets.iter()
                 .find(|n| n.addr().is_ipv4() == v4)
                 .map(|n| (Addr::from_ip(n.network()), n.prefix_len()))
                 .unwrap_or((Addr::ZERO, 0))
         };
-        let (cluster_v4, cluster_v4_plen) = cidr(true);
-        let (cluster_v6, cluster_v6_plen) = cidr(false);
+        let (cluster_v4, cluster_v4_plen) = cidr(&self.settings.cluster_cidrs, true);
+        let (cluster_v6, cluster_v6_plen) = cidr(&self.settings.cluster_cidrs, false);
+        let (service_v4, service_v4_plen) = cidr(&self.settings.service_cidrs, true);
+        let (service_v6, service_v6_plen) = cidr(&self.settings.service_cidrs, false);
         img.config = Some(NodeConfig {
             masq_v4: masq(true),
             masq_v6: masq(false),
@@ -175,7 +231,10 @@ impl Pipeline {
             cluster_v6,
             cluster_v4_plen,
             cluster_v6_plen,
-            pad: [0; 2],
+            service_v4_plen,
+            service_v6_plen,
+            service_v4,
+            service_v6,
             flags: self.settings.flags,
             snat_port_min: self.settings.snat_port_min,
             snat_port_max: self.settings.snat_port_max,

@@ -17,7 +17,7 @@
 use weir_common::{
     Addr,
     config::{NodeAddrValue, NodeConfig},
-    lb::{Backend, MaglevKey, RevNat, ServiceKey, ServiceValue, SourceRangeKey},
+    lb::{AffinitySetKey, Backend, MaglevKey, RevNat, ServiceKey, ServiceValue, SourceRangeKey},
 };
 
 use crate::image::{Lpm, MapImage};
@@ -31,7 +31,9 @@ pub enum Op {
     PutService(ServiceKey, ServiceValue),
     PutSourceRange(Lpm<SourceRangeKey>, u32),
     PutMaglev(MaglevKey, u32),
+    PutAffinitySet(AffinitySetKey, u32),
     DelService(ServiceKey),
+    DelAffinitySet(AffinitySetKey),
     DelSourceRange(Lpm<SourceRangeKey>),
     DelMaglev(MaglevKey),
     DelRevNat(u32),
@@ -51,6 +53,7 @@ impl Op {
             Op::PutService(..) | Op::DelService(_) => SERVICES,
             Op::PutSourceRange(..) | Op::DelSourceRange(_) => SOURCE_RANGES,
             Op::PutMaglev(..) | Op::DelMaglev(_) => MAGLEV,
+            Op::PutAffinitySet(..) | Op::DelAffinitySet(_) => AFFINITY_SETS,
         }
     }
 
@@ -62,6 +65,9 @@ impl Op {
                 | Op::PutBackend(..)
                 | Op::PutRevNat(..)
                 | Op::PutService(..)
+                | Op::PutSourceRange(..)
+                | Op::PutMaglev(..)
+                | Op::PutAffinitySet(..)
         )
     }
 }
@@ -121,6 +127,12 @@ impl Plan {
                 Op::DelMaglev(k) => {
                     img.maglev.remove(k);
                 }
+                Op::PutAffinitySet(k, v) => {
+                    img.affinity_sets.insert(*k, *v);
+                }
+                Op::DelAffinitySet(k) => {
+                    img.affinity_sets.remove(k);
+                }
             }
         }
     }
@@ -157,6 +169,7 @@ pub fn diff(old: &MapImage, new: &MapImage) -> Plan {
     // written before it, removed after it.
     ops.extend(puts(&old.source_ranges, &new.source_ranges).map(|(k, v)| Op::PutSourceRange(k, v)));
     ops.extend(puts(&old.maglev, &new.maglev).map(|(k, v)| Op::PutMaglev(k, v)));
+    ops.extend(puts(&old.affinity_sets, &new.affinity_sets).map(|(k, v)| Op::PutAffinitySet(k, v)));
     let (masters_new, slots_new): (Vec<_>, Vec<_>) =
         puts(&old.services, &new.services).partition(|(k, _)| k.slot == 0);
     ops.extend(slots_new.into_iter().map(|(k, v)| Op::PutService(k, v)));
@@ -166,9 +179,126 @@ pub fn diff(old: &MapImage, new: &MapImage) -> Plan {
     ops.extend(masters_gone.into_iter().map(Op::DelService));
     ops.extend(slots_gone.into_iter().map(Op::DelService));
     ops.extend(dels(&old.maglev, &new.maglev).map(Op::DelMaglev));
+    ops.extend(dels(&old.affinity_sets, &new.affinity_sets).map(Op::DelAffinitySet));
     ops.extend(dels(&old.source_ranges, &new.source_ranges).map(Op::DelSourceRange));
     ops.extend(dels(&old.rev_nat, &new.rev_nat).map(Op::DelRevNat));
     ops.extend(dels(&old.backends, &new.backends).map(Op::DelBackend));
     ops.extend(dels(&old.node_addrs, &new.node_addrs).map(Op::DelNodeAddr));
     Plan { ops }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::MapImage;
+    use weir_common::Addr;
+
+    fn key(slot: u16) -> ServiceKey {
+        ServiceKey {
+            addr: Addr::from_ip("10.96.0.10".parse().unwrap()),
+            port_be: 80u16.to_be(),
+            proto: 6,
+            scope: 0,
+            slot,
+            pad: [0; 2],
+        }
+    }
+
+    fn image(backends: &[u32]) -> MapImage {
+        let mut img = MapImage::default();
+        for (i, id) in backends.iter().enumerate() {
+            img.backends.insert(
+                *id,
+                Backend {
+                    port_be: 8080u16.to_be(),
+                    ..Default::default()
+                },
+            );
+            img.services.insert(
+                key(i as u16 + 1),
+                ServiceValue {
+                    backend_id: *id,
+                    ..Default::default()
+                },
+            );
+            img.affinity_sets.insert(
+                AffinitySetKey {
+                    svc_port_id: 1,
+                    backend_id: *id,
+                    scope: 0,
+                    pad: [0; 3],
+                },
+                1,
+            );
+            img.maglev.insert(
+                MaglevKey {
+                    rev_nat_id: 1,
+                    scope: 0,
+                    pad: [0; 3],
+                    index: i as u32,
+                },
+                *id,
+            );
+        }
+        img.services.insert(
+            key(0),
+            ServiceValue {
+                count: backends.len() as u16,
+                rev_nat_id: 1,
+                ..Default::default()
+            },
+        );
+        img.rev_nat.insert(1, RevNat::default());
+        img
+    }
+
+    /// Applying the plan yields the new image, whatever the maps.
+    #[test]
+    fn applying_a_diff_yields_the_new_image() {
+        for (a, b) in [
+            (vec![], vec![1, 2]),
+            (vec![1, 2, 3], vec![2]),
+            (vec![1], vec![4, 5, 6]),
+            (vec![1, 2], vec![]),
+        ] {
+            let (old, new) = (image(&a), image(&b));
+            let mut got = old.clone();
+            diff(&old, &new).apply_to(&mut got);
+            assert_eq!(got, new, "{a:?} -> {b:?}");
+        }
+    }
+
+    /// Make before break: after every prefix of the plan, every slot a master entry counts
+    /// names an existing backend, so no packet can pick a missing backend.
+    #[test]
+    fn no_prefix_of_a_plan_lets_a_counted_slot_miss_its_backend() {
+        for (a, b) in [
+            (vec![1, 2, 3], vec![4]),
+            (vec![1], vec![2, 3, 4]),
+            (vec![1, 2], vec![3, 1]),
+        ] {
+            let (old, new) = (image(&a), image(&b));
+            let plan = diff(&old, &new);
+            let mut img = old.clone();
+            for op in &plan.ops {
+                Plan {
+                    ops: vec![op.clone()],
+                }
+                .apply_to(&mut img);
+                if let Some(m) = img.services.get(&key(0)) {
+                    for slot in 1..=m.count {
+                        let s = img
+                            .services
+                            .get(&key(slot))
+                            .unwrap_or_else(|| panic!("slot {slot} missing after {op:?}"));
+                        assert!(
+                            img.backends.contains_key(&s.backend_id),
+                            "backend {} missing after {op:?}",
+                            s.backend_id
+                        );
+                    }
+                }
+            }
+        }
+    }
 }

@@ -22,7 +22,7 @@ use crate::{
     maps::{CONFIG, WORK, Work},
     metrics::count,
     nat::{self, End},
-    parse::{self, FRAG_LATER},
+    parse::{self, FRAG_LATER, TCP_SYN},
     reject,
 };
 
@@ -144,6 +144,13 @@ fn ingress(ctx: &TcContext, w: &mut Work, from_pod: bool) -> Out {
     if lb::is_cluster_ip(w) {
         return Out::reject(REASON_UNKNOWN_PORT_REJECT);
     }
+    // An address of the service CIDR that no Service holds: dropped (nftables proxier,
+    // "service-cidr" check).
+    if let Some(cfg) = CONFIG.get_ptr(0)
+        && unsafe { (*cfg).in_service_cidr(&w.pkt.dst) }
+    {
+        return Out::drop(REASON_UNALLOCATED_SERVICE_IP);
+    }
 
     count(REASON_FORWARDED, dir, w.pkt.len);
     Out::OK
@@ -194,7 +201,17 @@ fn service(ctx: &TcContext, w: &mut Work, from_pod: bool) -> Out {
         && !ct::is_stale(e, &w.pkt, now)
     {
         let id = unsafe { (*e).backend_id };
-        if let Some(be) = lb::backend(id)
+        let live = lb::backend(id);
+        if live.is_none()
+            && w.pkt.proto == weir_common::proto::TCP
+            && w.pkt.tcp_flags & TCP_SYN == 0
+        {
+            // The connection's backend was removed: reset the client at once instead of
+            // sending its segments to a backend that never saw the handshake (or to
+            // nowhere). A new SYN on the same tuple is simply re-balanced.
+            return Out::reject(REASON_BACKEND_GONE_RESET);
+        }
+        if let Some(be) = live
             && unsafe { be.addr == (*e).nat_dst && be.port_be == (*e).nat_dport_be }
         {
             ct::touch(e, &w.pkt, false, now);

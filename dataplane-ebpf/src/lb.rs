@@ -5,7 +5,7 @@ use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_get_prandom_u32};
 use weir_common::{Addr, config::NodeConfig, lb::*};
 
 use crate::{
-    maps::{AFFINITY, BACKENDS, MAGLEV, NODE_ADDRS, SERVICES, SOURCE_RANGES, Work},
+    maps::{AFFINITY, AFFINITY_SETS, BACKENDS, MAGLEV, NODE_ADDRS, SERVICES, SOURCE_RANGES, Work},
     parse::Pkt,
 };
 
@@ -105,25 +105,31 @@ fn slot_backend(w: &mut Work, scope: u8, slot: u16) -> Option<u32> {
 }
 
 /// Picks the backend for a new connection among `count` slots of `scope` into `w.be_id`
-/// and `w.be`: the client's affinity entry if it is fresh and its slot still names the
-/// same backend; else Maglev (if the frontend uses it) or a uniformly random slot.
+/// and `w.be`: the client's affinity record if it is fresh and its backend is still in
+/// this set; else Maglev (if the frontend uses it) or a uniformly random slot.
 #[inline(always)]
 pub fn select(w: &mut Work, scope: u8, count: u16, cfg: *const NodeConfig, now: u64) -> bool {
     let affinity = w.svc.flags & SVC_F_AFFINITY != 0;
     if affinity {
         w.akey = AffinityKey {
             client: w.pkt.src,
-            rev_nat_id: w.svc.rev_nat_id,
-            scope,
-            pad: [0; 3],
+            svc_port_id: w.svc.svc_port_id,
+            pad: 0,
         };
         if let Some(a) = AFFINITY.get_ptr_mut(&w.akey) {
-            let (id, slot, last) = unsafe { ((*a).backend_id, (*a).slot, (*a).last_used_ns) };
+            let (id, last) = unsafe { ((*a).backend_id, (*a).last_used_ns) };
             let fresh = now.saturating_sub(last) <= w.svc.affinity_timeout_s as u64 * 1_000_000_000;
-            let still_there =
-                slot == 0 || (slot <= count && slot_backend(w, scope, slot) == Some(id));
+            w.aset = AffinitySetKey {
+                svc_port_id: w.svc.svc_port_id,
+                backend_id: id,
+                scope,
+                pad: [0; 3],
+            };
+            // A backend that left the set is a miss (the client is re-balanced), never a
+            // drop.
+            let in_set = unsafe { AFFINITY_SETS.get(&w.aset) }.is_some();
             if fresh
-                && still_there
+                && in_set
                 && let Some(be) = backend(id)
             {
                 // kube-proxy refreshes the affinity timer on every new connection.
@@ -135,7 +141,7 @@ pub fn select(w: &mut Work, scope: u8, count: u16, cfg: *const NodeConfig, now: 
         }
     }
 
-    let (id, slot) = if w.svc.flags & SVC_F_MAGLEV != 0 {
+    let id = if w.svc.flags & SVC_F_MAGLEV != 0 {
         let size = unsafe { (*cfg).maglev_table_size };
         w.mkey = MaglevKey {
             rev_nat_id: w.svc.rev_nat_id,
@@ -147,14 +153,14 @@ pub fn select(w: &mut Work, scope: u8, count: u16, cfg: *const NodeConfig, now: 
         let Some(id) = (unsafe { MAGLEV.get(&w.mkey) }) else {
             return false;
         };
-        (*id, 0u16)
+        *id
     } else {
         let r = unsafe { bpf_get_prandom_u32() };
         let slot = r.checked_rem(count as u32).unwrap_or(0) as u16 + 1;
         let Some(id) = slot_backend(w, scope, slot) else {
             return false;
         };
-        (id, slot)
+        id
     };
     let Some(be) = backend(id) else {
         return false;
@@ -164,7 +170,6 @@ pub fn select(w: &mut Work, scope: u8, count: u16, cfg: *const NodeConfig, now: 
     if affinity {
         w.aval = AffinityValue {
             backend_id: id,
-            slot,
             pad: 0,
             last_used_ns: now,
         };

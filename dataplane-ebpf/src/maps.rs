@@ -11,8 +11,8 @@ use weir_common::{
     config::{NodeAddrValue, NodeConfig},
     ct::{CtEntry, CtKey},
     lb::{
-        AffinityKey, AffinityValue, Backend, MaglevKey, RevNat, ServiceKey, ServiceValue,
-        SourceRangeKey,
+        AffinityKey, AffinitySetKey, AffinityValue, Backend, MaglevKey, RevNat, ServiceKey,
+        ServiceValue, SourceRangeKey,
     },
     maps::*,
     metrics::{Counter, REASON_MAX},
@@ -29,6 +29,8 @@ pub static REV_NAT: HashMap<u32, RevNat> = HashMap::pinned(DEFAULT_REV_NAT_MAX, 
 #[map]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
     LruHashMap::pinned(DEFAULT_AFFINITY_MAX, 0);
+#[map]
+pub static AFFINITY_SETS: HashMap<AffinitySetKey, u32> = HashMap::pinned(DEFAULT_BACKENDS_MAX, 0);
 #[map]
 pub static MAGLEV: HashMap<MaglevKey, u32> = HashMap::pinned(DEFAULT_MAGLEV_MAX, 0);
 #[map]
@@ -64,6 +66,7 @@ pub struct Work {
     pub pad: [u8; 6],
     pub akey: AffinityKey,
     pub aval: AffinityValue,
+    pub aset: AffinitySetKey,
     pub mkey: MaglevKey,
     pub range_key: Key<SourceRangeKey>,
 }

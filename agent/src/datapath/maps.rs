@@ -15,7 +15,7 @@ use weir_common::{
     Addr,
     config::{NodeAddrValue, NodeConfig},
     ct::{CtEntry, CtKey},
-    lb::{Backend, MaglevKey, RevNat, ServiceKey, ServiceValue, SourceRangeKey},
+    lb::{AffinitySetKey, Backend, MaglevKey, RevNat, ServiceKey, ServiceValue, SourceRangeKey},
     maps as names,
     metrics::Counter,
 };
@@ -43,6 +43,7 @@ pub fn expected_layout(name: &str) -> Option<(u32, u32)> {
         names::CONFIG => s(4, size_of::<NodeConfig>()),
         names::NODE_ADDRS => s(size_of::<Addr>(), size_of::<NodeAddrValue>()),
         names::SOURCE_RANGES => s(4 + size_of::<SourceRangeKey>(), 4),
+        names::AFFINITY_SETS => s(size_of::<AffinitySetKey>(), 4),
         _ => None,
     }
 }
@@ -55,6 +56,7 @@ pub struct AyaDatapath {
     node_addrs: HashMap<MapData, Addr, NodeAddrValue>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u32>,
     maglev: HashMap<MapData, MaglevKey, u32>,
+    affinity_sets: HashMap<MapData, AffinitySetKey, u32>,
     config: Array<MapData, NodeConfig>,
     capacities: BTreeMap<&'static str, u32>,
 }
@@ -85,6 +87,7 @@ impl AyaDatapath {
             node_addrs: take(ebpf, names::NODE_ADDRS)?.try_into()?,
             source_ranges: take(ebpf, names::SOURCE_RANGES)?.try_into()?,
             maglev: take(ebpf, names::MAGLEV)?.try_into()?,
+            affinity_sets: take(ebpf, names::AFFINITY_SETS)?.try_into()?,
             config: take(ebpf, names::CONFIG)?.try_into()?,
             capacities,
         })
@@ -107,6 +110,7 @@ impl AyaDatapath {
             node_addrs: open_pinned(pin_dir, names::NODE_ADDRS)?.try_into()?,
             source_ranges: open_pinned(pin_dir, names::SOURCE_RANGES)?.try_into()?,
             maglev: open_pinned(pin_dir, names::MAGLEV)?.try_into()?,
+            affinity_sets: open_pinned(pin_dir, names::AFFINITY_SETS)?.try_into()?,
             config: open_pinned(pin_dir, names::CONFIG)?.try_into()?,
             capacities,
         })
@@ -136,6 +140,8 @@ impl AyaDatapath {
             }
             Op::PutMaglev(k, v) => self.maglev.insert(k, v, 0),
             Op::DelMaglev(k) => ignore_missing(self.maglev.remove(k)),
+            Op::PutAffinitySet(k, v) => self.affinity_sets.insert(k, v, 0),
+            Op::DelAffinitySet(k) => ignore_missing(self.affinity_sets.remove(k)),
         }
     }
 }
@@ -221,6 +227,10 @@ impl Datapath for AyaDatapath {
         for r in self.maglev.iter() {
             let (k, v) = r.map_err(e)?;
             img.maglev.insert(k, v);
+        }
+        for r in self.affinity_sets.iter() {
+            let (k, v) = r.map_err(e)?;
+            img.affinity_sets.insert(k, v);
         }
         let c = self.config.get(&0, 0).map_err(e)?;
 
