@@ -201,7 +201,10 @@ fn service(ctx: &TcContext, w: &mut Work, from_pod: bool) -> Out {
         && !ct::is_stale(e, &w.pkt, now)
     {
         let id = unsafe { (*e).backend_id };
-        let live = lb::backend(id);
+        // The backend is gone if its id no longer exists or now names another backend
+        // (ids are reused once freed).
+        let live = lb::backend(id)
+            .filter(|be| unsafe { be.addr == (*e).nat_dst && be.port_be == (*e).nat_dport_be });
         if live.is_none()
             && w.pkt.proto == weir_common::proto::TCP
             && w.pkt.tcp_flags & TCP_SYN == 0
@@ -211,9 +214,7 @@ fn service(ctx: &TcContext, w: &mut Work, from_pod: bool) -> Out {
             // nowhere). A new SYN on the same tuple is simply re-balanced.
             return Out::reject(REASON_BACKEND_GONE_RESET);
         }
-        if let Some(be) = live
-            && unsafe { be.addr == (*e).nat_dst && be.port_be == (*e).nat_dport_be }
-        {
+        if let Some(be) = live {
             ct::touch(e, &w.pkt, false, now);
             w.be_id = id;
             w.be = be;
