@@ -701,3 +701,147 @@ fn sctp_is_translated() {
     let p = assert_fwd(&r, POD, Some(3868), "10.244.2.1", 3868);
     assert_eq!(p.proto, packet::SCTP);
 }
+
+/// The quoted IPv4 header of an ICMP error still has a valid checksum.
+fn inner_v4_header_ok(frame: &[u8]) -> bool {
+    let inner = &frame[14 + 20 + 8..];
+    let ihl = (inner[0] & 0xf) as usize * 4;
+    packet::inet_checksum(&inner[..ihl]) == 0
+}
+
+/// ICMP port unreachable from a backend about a translated UDP flow reaches the client
+/// as if the VIP had sent it (Linux NAT's ICMP reply translation).
+#[test]
+fn icmp_errors_about_translated_flows_are_translated_back_v4() {
+    let h = harness(&cluster(vec![
+        Svc::new("dns", &["10.96.0.53"])
+            .port("dns", 53, 5353, UDP)
+            .ep("10.244.2.1", REMOTE),
+    ]));
+    let q = packet::udp(sock(POD, 5000), sock("10.96.0.53", 53), b"query");
+    let sent = h.run(Hook::FromPod, &q).unwrap().out;
+    assert_eq!(packet::parse(&sent).unwrap().dst.to_string(), "10.244.2.1");
+    let err = packet::icmp_unreachable(
+        "10.244.2.1".parse().unwrap(),
+        POD.parse().unwrap(),
+        3,
+        &sent,
+    );
+    let r = h.run(Hook::UplinkIn, &err).unwrap();
+    assert_eq!(r.verdict, TC_ACT_OK);
+    let p = r.parsed();
+    assert_eq!(
+        (p.src.to_string(), p.dst.to_string()),
+        ("10.96.0.53".into(), POD.into())
+    );
+    assert!(p.ip_csum_ok, "outer IPv4 checksum");
+    assert!(p.l4_csum_ok, "ICMP checksum");
+    let i = p.inner.unwrap();
+    assert_eq!((i.src.to_string(), i.sport), (POD.into(), 5000));
+    assert_eq!((i.dst.to_string(), i.dport), ("10.96.0.53".into(), 53));
+    assert!(inner_v4_header_ok(&r.out), "quoted IPv4 header checksum");
+    assert_eq!(count(&h, REASON_REV_TRANSLATED, DIR_INGRESS), 1);
+}
+
+/// IPv6, with the whole datagram quoted so the quoted UDP checksum can be verified too.
+#[test]
+fn icmp_errors_about_translated_flows_are_translated_back_v6() {
+    let client = "fd00:244:1::5";
+    let h = harness(&cluster(vec![
+        Svc::new("dns", &["fd00:96::53"])
+            .port("dns", 53, 5353, UDP)
+            .ep("fd00:244:2::1", REMOTE),
+    ]));
+    let sent = h
+        .run(
+            Hook::FromPod,
+            &packet::udp(sock(client, 5000), sock("fd00:96::53", 53), b"query"),
+        )
+        .unwrap()
+        .out;
+    let err = packet::icmp_unreachable(
+        "fd00:244:2::1".parse().unwrap(),
+        client.parse().unwrap(),
+        4,
+        &sent,
+    );
+    let r = h.run(Hook::UplinkIn, &err).unwrap();
+    let p = r.parsed();
+    assert_eq!(
+        (p.src.to_string(), p.dst.to_string()),
+        ("fd00:96::53".into(), client.into())
+    );
+    assert!(
+        p.l4_csum_ok,
+        "ICMPv6 checksum (covers the outer addresses and the quote)"
+    );
+    let i = p.inner.unwrap();
+    assert_eq!((i.dst.to_string(), i.dport), ("fd00:96::53".into(), 53));
+    // The quote is the whole datagram: its UDP checksum must verify against the quoted
+    // (translated) addresses.
+    let quoted = &r.out[14 + 40 + 8..];
+    let udp = &quoted[40..];
+    let (s, d): (std::net::IpAddr, std::net::IpAddr) = (i.src, i.dst);
+    let mut z = udp.to_vec();
+    let c = u16::from_be_bytes([z[6], z[7]]);
+    z[6] = 0;
+    z[7] = 0;
+    assert_eq!(
+        packet::l4_checksum(s, d, packet::UDP, &z),
+        c,
+        "quoted UDP checksum"
+    );
+}
+
+/// PMTU discovery through a masqueraded NodePort: "fragmentation needed" from the backend
+/// about the masqueraded segment reaches the external client about its own segment.
+#[test]
+fn icmp_errors_through_a_masqueraded_nodeport_reach_the_client() {
+    let h = harness(&cluster(vec![
+        Svc::new("web", &["10.96.0.10"])
+            .port("http", 80, 8080, TCP)
+            .node_port(30080)
+            .ep("10.244.2.7", REMOTE),
+    ]));
+    let sent = h
+        .run(
+            Hook::UplinkIn,
+            &packet::tcp(sock(CLIENT, 5555), sock(NODE_IP, 30080), ACK, &[0; 100]),
+        )
+        .unwrap()
+        .out;
+    let s = packet::parse(&sent).unwrap();
+    assert_eq!(s.src.to_string(), NODE_IP);
+    let err = packet::icmp_unreachable(
+        "10.244.2.7".parse().unwrap(),
+        NODE_IP.parse().unwrap(),
+        4,
+        &sent,
+    );
+    let r = h.run(Hook::UplinkIn, &err).unwrap();
+    let p = r.parsed();
+    assert_eq!(
+        (p.src.to_string(), p.dst.to_string()),
+        (NODE_IP.into(), CLIENT.into())
+    );
+    assert!(p.ip_csum_ok && p.l4_csum_ok);
+    let i = p.inner.unwrap();
+    assert_eq!((i.src.to_string(), i.sport), (CLIENT.into(), 5555));
+    assert_eq!((i.dst.to_string(), i.dport), (NODE_IP.into(), 30080));
+    assert!(inner_v4_header_ok(&r.out));
+}
+
+/// An ICMP error about a flow nobody translated passes untouched.
+#[test]
+fn unrelated_icmp_errors_pass_untouched() {
+    let h = harness(&cluster(vec![]));
+    let inner = packet::udp(sock(POD, 5000), sock("10.244.2.1", 53), b"q");
+    let err = packet::icmp_unreachable(
+        "10.244.2.1".parse().unwrap(),
+        POD.parse().unwrap(),
+        3,
+        &inner,
+    );
+    let r = h.run(Hook::UplinkIn, &err).unwrap();
+    assert_eq!((r.verdict, r.out), (TC_ACT_OK, err));
+}

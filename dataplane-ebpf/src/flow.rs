@@ -18,7 +18,7 @@ use aya_ebpf::{
 use weir_common::{Addr, ct::*, lb::*, metrics::*};
 
 use crate::{
-    ct, lb,
+    ct, icmp, lb,
     maps::{CONFIG, WORK, Work},
     metrics::count,
     nat::{self, End},
@@ -97,8 +97,19 @@ pub fn handle(ctx: &TcContext, hook: Hook) -> i32 {
             return TC_ACT_OK;
         }
     }
-    if w.pkt.frag == FRAG_LATER || !w.pkt.has_ports() || hook == Hook::ToPod {
+    if w.pkt.frag == FRAG_LATER || hook == Hook::ToPod {
         count(REASON_FORWARDED, hook.dir(), w.pkt.len);
+        return TC_ACT_OK;
+    }
+    if !w.pkt.has_ports() {
+        // An ICMP error about a translated flow is translated back like a reply.
+        let ty: u8 = ctx.load(w.pkt.l4_off).unwrap_or(255);
+        let reason = if icmp::is_error(&w.pkt, ty) && icmp::reverse_error(ctx, w) == Ok(true) {
+            REASON_REV_TRANSLATED
+        } else {
+            REASON_FORWARDED
+        };
+        count(reason, hook.dir(), w.pkt.len);
         return TC_ACT_OK;
     }
     let o = ingress(ctx, w, hook == Hook::FromPod);

@@ -7,6 +7,7 @@
 //! - `nat`: header rewrites with checksum updates.
 //! - `metrics`: per-CPU counters.
 //! - `reject`: TCP RST / ICMP port unreachable generated in place.
+//! - `icmp`: ICMP errors about translated flows, translated back.
 //! - `flow`: the per-packet pipeline the TC entry points share.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
@@ -15,6 +16,8 @@
 mod ct;
 #[cfg(target_arch = "bpf")]
 mod flow;
+#[cfg(target_arch = "bpf")]
+mod icmp;
 #[cfg(target_arch = "bpf")]
 mod lb;
 #[cfg(target_arch = "bpf")]

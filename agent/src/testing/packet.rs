@@ -396,6 +396,11 @@ fn parse_ip(ip: &[u8], et: u16, verify: bool) -> Option<Parsed> {
             p.payload = l4.get(doff..).unwrap_or_default().to_vec();
             p.l4_csum_ok = !verify || pseudo_ok(l4);
         }
+        // A TCP header quoted by an ICMP error may be cut after 8 bytes (RFC 792).
+        TCP if !verify && l4.len() >= 4 => {
+            p.sport = u16::from_be_bytes([l4[0], l4[1]]);
+            p.dport = u16::from_be_bytes([l4[2], l4[3]]);
+        }
         UDP if l4.len() >= 8 => {
             p.sport = u16::from_be_bytes([l4[0], l4[1]]);
             p.dport = u16::from_be_bytes([l4[2], l4[3]]);
