@@ -188,7 +188,7 @@ impl MapImage {
         }
         if !self.source_ranges.is_empty() {
             let _ = writeln!(o, "source ranges:");
-            for ((plen, k), _) in &self.source_ranges {
+            for (plen, k) in self.source_ranges.keys() {
                 let addr_plen = plen - 32 - if k.addr.is_v4() { 96 } else { 0 };
                 let fe = self
                     .rev_nat
