@@ -845,3 +845,34 @@ fn unrelated_icmp_errors_pass_untouched() {
     let r = h.run(Hook::UplinkIn, &err).unwrap();
     assert_eq!((r.verdict, r.out), (TC_ACT_OK, err));
 }
+
+/// SCTP port translation (Service port 3868 -> targetPort 3869) keeps CRC32c valid, in
+/// both directions, v4 and v6.
+#[test]
+fn sctp_port_translation_keeps_the_crc_valid() {
+    let h = harness(&cluster(vec![
+        Svc::new("diam", &["10.96.0.38", "fd00:96::38"])
+            .port("diameter", 3868, 3869, SCTP)
+            .ep("10.244.2.1", REMOTE)
+            .ep("fd00:244:2::1", REMOTE),
+    ]));
+    for (client, vip, be) in [
+        (POD, "10.96.0.38", "10.244.2.1"),
+        ("fd00:244:1::5", "fd00:96::38", "fd00:244:2::1"),
+    ] {
+        let r = h
+            .run(
+                Hook::FromPod,
+                &packet::sctp(sock(client, 40000), sock(vip, 3868)),
+            )
+            .unwrap();
+        assert_fwd(&r, client, Some(40000), be, 3869);
+        let r = h
+            .run(
+                Hook::UplinkIn,
+                &packet::sctp(sock(be, 3869), sock(client, 40000)),
+            )
+            .unwrap();
+        assert_fwd(&r, vip, Some(3868), client, 40000);
+    }
+}

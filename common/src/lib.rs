@@ -18,11 +18,16 @@
 //! - [`ct`]: connection tracking (`CT`) and its flags, states and timeouts.
 //! - [`metrics`]: datapath counters (`METRICS`) and the reason codes.
 //! - [`config`]: node-wide datapath settings (`CONFIG`) and node addresses (`NODE_ADDRS`).
+//! - [`crc32c`]: incremental CRC32c for SCTP port translation.
 //! - [`maps`]: map names and default capacities, the one list both sides use.
 #![no_std]
 
+#[cfg(test)]
+extern crate std;
+
 pub mod addr;
 pub mod config;
+pub mod crc32c;
 pub mod ct;
 pub mod lb;
 pub mod maps;

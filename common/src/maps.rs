@@ -12,6 +12,10 @@ pub const CONFIG: &str = "CONFIG";
 pub const NODE_ADDRS: &str = "NODE_ADDRS";
 pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
 pub const AFFINITY_SETS: &str = "AFFINITY_SETS";
+/// Array: entry n = x^(8n) mod the CRC32c polynomial (`crc32c::x8nmodp(n)`), filled once
+/// by the agent at load; SCTP port translation needs it per packet length.
+pub const CRC32C_SHIFT: &str = "CRC32C_SHIFT";
+pub const CRC32C_SHIFT_ENTRIES: u32 = 65536;
 
 pub const DEFAULT_SERVICES_MAX: u32 = 65536;
 pub const DEFAULT_BACKENDS_MAX: u32 = 65536;

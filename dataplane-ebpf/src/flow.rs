@@ -112,9 +112,21 @@ pub fn handle(ctx: &TcContext, hook: Hook) -> i32 {
         count(reason, hook.dir(), w.pkt.len);
         return TC_ACT_OK;
     }
+    w.ports_in = nat::ports_word(w.pkt.sport_be, w.pkt.dport_be);
+    w.ports_out = w.ports_in;
     let o = ingress(ctx, w, hook == Hook::FromPod);
     match o.kind() {
-        OUT_OK => TC_ACT_OK,
+        OUT_OK => {
+            // SCTP's CRC32c is fixed here, once, rather than inside every stage: the
+            // verifier walks a subprogram once per caller path, and the stages have many.
+            if w.ports_out != w.ports_in
+                && nat::sctp_fix_crc(ctx, &w.pkt, w.ports_in, w.ports_out).is_err()
+            {
+                count(REASON_NAT_FAILED, hook.dir(), w.pkt.len);
+                return TC_ACT_SHOT;
+            }
+            TC_ACT_OK
+        }
         OUT_REJECT => {
             count(o.reason(), hook.dir(), w.pkt.len);
             reject::reject(ctx, &w.pkt)
@@ -175,6 +187,7 @@ fn reverse(ctx: &TcContext, w: &mut Work, e: *mut CtEntry) -> Out {
     if nat::rewrite(ctx, &w.pkt, End::Src, &fe_addr, fe_port).is_err() {
         return Out::drop(REASON_NAT_FAILED);
     }
+    let mut new_dport = w.pkt.dport_be;
     if flags & CT_F_SNAT != 0 {
         let (cl_addr, cl_port) = unsafe { ((*e).nat_src, (*e).nat_sport_be) };
         // The source already carries the frontend: the destination checksum update
@@ -185,7 +198,9 @@ fn reverse(ctx: &TcContext, w: &mut Work, e: *mut CtEntry) -> Out {
         if nat::rewrite_from(ctx, &w.pkt, End::Dst, &d, dp, &cl_addr, cl_port).is_err() {
             return Out::drop(REASON_NAT_FAILED);
         }
+        new_dport = cl_port;
     }
+    w.ports_out = nat::ports_word(fe_port, new_dport);
     Out::OK
 }
 
@@ -302,6 +317,7 @@ fn track_and_rewrite(ctx: &TcContext, w: &mut Work, now: u64) -> Out {
             return Out::drop(REASON_NAT_FAILED);
         }
     }
+    w.ports_out = nat::ports_word(w.nat_sport_be, w.be.port_be);
     Out::OK
 }
 

@@ -68,6 +68,10 @@ pub struct Work {
     pub aval: AffinityValue,
     pub aset: AffinitySetKey,
     pub mkey: MaglevKey,
+    /// SCTP: the packet's ports (first four L4 bytes, raw) as parsed and as rewritten;
+    /// the entry point fixes the CRC32c once if they differ.
+    pub ports_in: u32,
+    pub ports_out: u32,
     pub range_key: Key<SourceRangeKey>,
 }
 
@@ -76,6 +80,9 @@ pub static WORK: PerCpuArray<Work> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 pub static NODE_ADDRS: HashMap<Addr, NodeAddrValue> = HashMap::pinned(DEFAULT_NODE_ADDRS_MAX, 0);
+/// Not pinned: its content is a constant the agent writes at every load.
+#[map]
+pub static CRC32C_SHIFT: Array<u32> = Array::with_max_entries(CRC32C_SHIFT_ENTRIES, 0);
 #[map]
 pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u32> =
     LpmTrie::pinned(DEFAULT_SOURCE_RANGES_MAX, 0);

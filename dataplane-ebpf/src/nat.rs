@@ -83,12 +83,8 @@ pub fn rewrite_from(
         }
     }
     if pkt.has_ports() && old_port != port_be {
-        if pkt.proto == proto::SCTP {
-            // SCTP's CRC32c covers the ports and cannot be updated incrementally; port
-            // translation for SCTP is refused by the caller (see lb.rs) until the CRC is
-            // recomputed here.
-            return Err(());
-        }
+        // SCTP: the CRC32c is fixed once per stage by `sctp_fix_crc`, after every port
+        // of the packet is rewritten (one call keeps the verifier's work small).
         if let Some(off) = csum_off {
             ctx.l4_csum_replace(off, old_port as u64, port_be as u64, flags | 2)
                 .map_err(|_| ())?;
@@ -100,6 +96,32 @@ pub fn rewrite_from(
         ctx.store(port_off, &port_be, 0).map_err(|_| ())?;
     }
     Ok(())
+}
+
+/// Updates SCTP's CRC32c after its ports changed from `old` to `new` (each the packet's
+/// first four bytes, source port then destination port, as a raw native u32): the ports
+/// are the first four bytes of the packet, so the CRC moves by a term that depends only
+/// on their XOR and the packet length (weir_common::crc32c). Called once per translation
+/// stage, after every rewrite of the packet's ports.
+#[inline(never)]
+pub fn sctp_fix_crc(ctx: &TcContext, pkt: &Pkt, old: u32, new: u32) -> Result<(), ()> {
+    if pkt.proto != proto::SCTP || old == new {
+        return Ok(());
+    }
+    let off = pkt.l4_off + 8;
+    // The CRC sits in the packet least significant byte first (RFC 4960 B): a native
+    // (little-endian) u32 load gives its value.
+    let crc: u32 = ctx.load(off).map_err(|_| ())?;
+    let diff = (old ^ new).to_ne_bytes(); // in packet byte order
+    let Some(shift) = crate::maps::CRC32C_SHIFT.get(pkt.l4_len.saturating_sub(4)) else {
+        return Err(());
+    };
+    if *shift == 0 {
+        // Not filled (x^n mod P is never 0): refuse rather than corrupt the CRC.
+        return Err(());
+    }
+    let new = weir_common::crc32c::adjust_prefix_with(crc, diff, *shift);
+    ctx.store(off, &new, 0).map_err(|_| ())
 }
 
 #[inline(always)]
@@ -155,4 +177,11 @@ fn rewrite_addr_v6(
         End::Dst => pkt.l3_off + IPV6_DADDR_OFF,
     };
     ctx.store(off, &new.w, 0).map_err(|_| ())
+}
+
+/// The packet's two ports as they sit in its first four L4 bytes (for `sctp_fix_crc`).
+#[inline(always)]
+pub fn ports_word(sport_be: u16, dport_be: u16) -> u32 {
+    let (s, d) = (sport_be.to_ne_bytes(), dport_be.to_ne_bytes());
+    u32::from_ne_bytes([s[0], s[1], d[0], d[1]])
 }

@@ -90,6 +90,8 @@ pub struct Pkt {
     pub tcp_flags: u8,
     pub frag: u8,
     pub len: u32,
+    /// Length of the L4 segment from the IP header (the frame may carry padding).
+    pub l4_len: u32,
 }
 
 impl Pkt {
@@ -149,17 +151,19 @@ pub fn parse(ctx: &TcContext, out: &mut Pkt) -> Result<bool, ()> {
         tcp_flags: 0,
         frag: FRAG_NONE,
         len: ctx.len(),
+        l4_len: 0,
     };
     match eth_proto {
         ETH_P_IP => {
             let ip = ptr_at::<Ipv4Hdr>(ctx, l3_off).ok_or(())?;
-            let (vihl, frag_off, p, s, d) = unsafe {
+            let (vihl, frag_off, p, s, d, tot_len) = unsafe {
                 (
                     (*ip).vihl,
                     u16::from_be((*ip).frag_off_be),
                     (*ip).proto,
                     (*ip).saddr,
                     (*ip).daddr,
+                    u16::from_be((*ip).tot_len_be) as u32,
                 )
             };
             if vihl >> 4 != 4 {
@@ -170,6 +174,7 @@ pub fn parse(ctx: &TcContext, out: &mut Pkt) -> Result<bool, ()> {
                 return Err(());
             }
             pkt.l4_off = l3_off + ihl;
+            pkt.l4_len = tot_len.saturating_sub(ihl as u32);
             pkt.proto = p;
             pkt.src = Addr::from_v4_raw(s);
             pkt.dst = Addr::from_v4_raw(d);
@@ -181,7 +186,14 @@ pub fn parse(ctx: &TcContext, out: &mut Pkt) -> Result<bool, ()> {
         }
         ETH_P_IPV6 => {
             let ip = ptr_at::<Ipv6Hdr>(ctx, l3_off).ok_or(())?;
-            let (mut next, s, d) = unsafe { ((*ip).nexthdr, (*ip).saddr, (*ip).daddr) };
+            let (mut next, s, d, plen) = unsafe {
+                (
+                    (*ip).nexthdr,
+                    (*ip).saddr,
+                    (*ip).daddr,
+                    u16::from_be((*ip).payload_len_be) as u32,
+                )
+            };
             pkt.v6 = true;
             pkt.src = Addr::from_v6_raw(s);
             pkt.dst = Addr::from_v6_raw(d);
@@ -223,6 +235,7 @@ pub fn parse(ctx: &TcContext, out: &mut Pkt) -> Result<bool, ()> {
             }
             pkt.proto = next;
             pkt.l4_off = off;
+            pkt.l4_len = plen.saturating_sub((off - l3_off - size_of::<Ipv6Hdr>()) as u32);
         }
         _ => return Ok(false),
     }

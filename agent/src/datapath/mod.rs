@@ -142,6 +142,7 @@ impl Dataplane {
             prog.load()
                 .with_context(|| format!("verifier rejected program {}", hook.program()))?;
         }
+        fill_crc_shift(&mut ebpf)?;
         info!(pin_dir = %opts.pin_dir.display(), "datapath loaded");
         Ok(Dataplane {
             ebpf,
@@ -287,6 +288,19 @@ pub fn ifname_of(idx: u32) -> Option<String> {
             .to_string_lossy()
             .into_owned(),
     )
+}
+
+/// Writes the CRC32c shift table SCTP port translation reads (weir_common::crc32c).
+fn fill_crc_shift(ebpf: &mut Ebpf) -> Result<()> {
+    use weir_common::{crc32c::x8nmodp, maps::CRC32C_SHIFT};
+    let mut arr: aya::maps::Array<_, u32> = ebpf
+        .map_mut(CRC32C_SHIFT)
+        .ok_or_else(|| anyhow!("map {CRC32C_SHIFT} missing"))?
+        .try_into()?;
+    for n in 0..arr.len() {
+        arr.set(n, x8nmodp(n), 0)?;
+    }
+    Ok(())
 }
 
 /// ifindex of an interface in the current network namespace.
