@@ -876,3 +876,95 @@ fn sctp_port_translation_keeps_the_crc_valid() {
         assert_fwd(&r, vip, Some(3868), client, 40000);
     }
 }
+
+/// Graceful termination: an established TCP connection to an endpoint that turns
+/// terminating (still in the slice) keeps flowing; new connections avoid it. Upstream
+/// never cleans TCP conntrack.
+#[test]
+fn established_tcp_to_a_terminating_endpoint_drains() {
+    require_root();
+    let c = |terminating: bool| {
+        let s = Svc::new("web", &["10.96.0.10"]).port("http", 80, 8080, TCP);
+        let s = if terminating {
+            s.ep_cond("10.244.2.1", REMOTE, Some(false), Some(true), Some(true))
+        } else {
+            s.ep("10.244.2.1", REMOTE)
+        };
+        cluster(vec![s.ep("10.244.2.2", REMOTE)])
+    };
+    let mut st = Stepper::new();
+    let mut h = ProgHarness::new().unwrap();
+    h.program(&st.image(&c(false))).unwrap();
+    // Find a connection that went to 10.244.2.1.
+    let v = sock("10.96.0.10", 80);
+    let port = (40000..40100)
+        .find(|p| {
+            h.run(Hook::FromPod, &syn(sock(POD, *p), v))
+                .unwrap()
+                .parsed()
+                .dst
+                .to_string()
+                == "10.244.2.1"
+        })
+        .expect("some connection lands on 10.244.2.1");
+    h.program(&st.image(&c(true))).unwrap();
+    let r = h
+        .run(
+            Hook::FromPod,
+            &packet::tcp(sock(POD, port), v, ACK, b"more"),
+        )
+        .unwrap();
+    assert_fwd(&r, POD, Some(port), "10.244.2.1", 8080);
+    for p in 41000..41020 {
+        let r = h.run(Hook::FromPod, &syn(sock(POD, p), v)).unwrap();
+        assert_fwd(&r, POD, Some(p), "10.244.2.2", 8080);
+    }
+}
+
+/// kube-proxy's UDP conntrack cleanup: a UDP flow stays with a serving endpoint, even a
+/// terminating one, and moves once its endpoint stops serving.
+#[test]
+fn udp_flows_follow_the_serving_condition() {
+    require_root();
+    let c = |ready: bool, serving: bool| {
+        cluster(vec![
+            Svc::new("dns", &["10.96.0.53"])
+                .port("dns", 53, 53, UDP)
+                .ep_cond(
+                    "10.244.2.1",
+                    REMOTE,
+                    Some(ready),
+                    Some(serving),
+                    Some(!ready),
+                )
+                .ep("10.244.2.2", REMOTE),
+        ])
+    };
+    let mut st = Stepper::new();
+    let mut h = ProgHarness::new().unwrap();
+    h.program(&st.image(&c(true, true))).unwrap();
+    let v = sock("10.96.0.53", 53);
+    let port = (5000..5100)
+        .find(|p| {
+            h.run(Hook::FromPod, &packet::udp(sock(POD, *p), v, b"q"))
+                .unwrap()
+                .parsed()
+                .dst
+                .to_string()
+                == "10.244.2.1"
+        })
+        .expect("some flow lands on 10.244.2.1");
+    let q = packet::udp(sock(POD, port), v, b"q");
+    h.program(&st.image(&c(false, true))).unwrap();
+    assert_eq!(
+        h.run(Hook::FromPod, &q).unwrap().parsed().dst.to_string(),
+        "10.244.2.1",
+        "terminating but serving: kept"
+    );
+    h.program(&st.image(&c(false, false))).unwrap();
+    assert_eq!(
+        h.run(Hook::FromPod, &q).unwrap().parsed().dst.to_string(),
+        "10.244.2.2",
+        "not serving: moved"
+    );
+}

@@ -108,6 +108,12 @@ crate::assert_layout!(Backend, size = 24, port_be = 16, proto = 18, flags = 19);
 pub const BE_F_LOCAL: u8 = 1 << 0;
 /// The backend is terminating (used only as the serving-terminating fallback).
 pub const BE_F_TERMINATING: u8 = 1 << 1;
+/// The endpoint is serving. Backends stay in `BACKENDS` while their endpoint exists in
+/// any EndpointSlice, usable or not, so established TCP connections drain (upstream never
+/// cleans TCP conntrack); UDP flows follow kube-proxy's conntrack cleanup
+/// (pkg/proxy/conntrack/cleanup.go): a UDP flow whose endpoint is not serving is
+/// re-balanced.
+pub const BE_F_SERVING: u8 = 1 << 2;
 
 #[repr(C)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]

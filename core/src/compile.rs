@@ -182,12 +182,22 @@ fn frontend_addr_of(a: &Addr) -> FrontendAddr {
     }
 }
 
-pub fn backend_value(b: &BackendAddr, local: bool) -> Backend {
+pub fn backend_value(b: &BackendAddr, local: bool, serving: bool, terminating: bool) -> Backend {
+    let mut flags = 0;
+    if local {
+        flags |= BE_F_LOCAL;
+    }
+    if serving {
+        flags |= BE_F_SERVING;
+    }
+    if terminating {
+        flags |= BE_F_TERMINATING;
+    }
     Backend {
         addr: Addr::from_ip(b.addr),
         port_be: b.port.to_be(),
         proto: b.protocol.number(),
-        flags: if local { BE_F_LOCAL } else { 0 },
+        flags,
         pad: 0,
     }
 }
@@ -288,11 +298,18 @@ pub fn compile_frontends(
             slot,
             pad: [0; 2],
         };
+        // Every known endpoint has a backend entry (usable or not): connections to it
+        // survive until it leaves the slices (TCP) or stops serving (UDP).
+        for (b, serving, terminating) in &fe.known {
+            let id = ids.backend_id(b)?;
+            img.backends.insert(
+                id,
+                backend_value(b, local_backends.contains(&b.addr), *serving, *terminating),
+            );
+        }
         for (scope, set) in [(SCOPE_CLUSTER, &fe.cluster), (SCOPE_LOCAL, &fe.local)] {
             for (i, b) in set.iter().enumerate() {
                 let id = ids.backend_id(b)?;
-                img.backends
-                    .insert(id, backend_value(b, local_backends.contains(&b.addr)));
                 img.services.insert(
                     key(scope, (i + 1) as u16),
                     ServiceValue {

@@ -115,6 +115,9 @@ pub struct Frontend {
     pub local: Vec<BackendAddr>,
     /// Upstream `hasAnyEndpoints`: an empty usable set means drop, not reject.
     pub has_endpoints: bool,
+    /// Every endpoint of this port and family, usable or not, with its serving and
+    /// terminating conditions: existing connections to them are kept (see BE_F_SERVING).
+    pub known: Vec<(BackendAddr, bool, bool)>,
     pub affinity_timeout_s: Option<u32>,
     pub maglev: bool,
     /// Masquerade external traffic (external kinds under eTP=Cluster).
@@ -391,6 +394,10 @@ pub fn translate_service(
             let uses_local = itp_local || (etp_local && accessible);
             let eps = endpoints_for_port(port, family, slices, node);
             let cat = categorize(&eps, uses_cluster, uses_local, node);
+            let known: Vec<(BackendAddr, bool, bool)> = eps
+                .iter()
+                .map(|e| (e.backend.clone(), e.serving, e.terminating))
+                .collect();
 
             let mk = |kind: FrontendKind, addr: FrontendAddr, fport: u16| {
                 let policy_local = if kind.is_external() {
@@ -409,6 +416,7 @@ pub fn translate_service(
                     cluster: cat.cluster.clone(),
                     local: cat.local.clone(),
                     has_endpoints: cat.has_any,
+                    known: known.clone(),
                     affinity_timeout_s: svc.session_affinity_timeout_s,
                     maglev,
                     masquerade: kind.is_external() && !etp_local,

@@ -228,9 +228,15 @@ fn service(ctx: &TcContext, w: &mut Work, from_pod: bool) -> Out {
     {
         let id = unsafe { (*e).backend_id };
         // The backend is gone if its id no longer exists or now names another backend
-        // (ids are reused once freed).
-        let live = lb::backend(id)
-            .filter(|be| unsafe { be.addr == (*e).nat_dst && be.port_be == (*e).nat_dport_be });
+        // (ids are reused once freed). A UDP flow also moves once its endpoint stops
+        // serving (kube-proxy's UDP conntrack cleanup); TCP flows drain as long as the
+        // endpoint exists (upstream never cleans TCP).
+        let udp = w.pkt.proto == weir_common::proto::UDP;
+        let live = lb::backend(id).filter(|be| unsafe {
+            be.addr == (*e).nat_dst
+                && be.port_be == (*e).nat_dport_be
+                && (!udp || be.flags & BE_F_SERVING != 0)
+        });
         if live.is_none()
             && w.pkt.proto == weir_common::proto::TCP
             && w.pkt.tcp_flags & TCP_SYN == 0
