@@ -112,18 +112,21 @@ fn flag_names(flags: u32) -> String {
 
 impl MapImage {
     fn backend_name(&self, id: u32) -> String {
-        match self.backends.get(&id) {
-            Some(b) => format!(
-                "{}{}",
-                frontend_name(&b.addr, b.port_be, b.proto),
-                if b.flags & weir_common::lb::BE_F_LOCAL != 0 {
-                    " local"
-                } else {
-                    ""
-                }
-            ),
-            None => "<missing>".into(),
+        use weir_common::lb::{BE_F_LOCAL, BE_F_SERVING, BE_F_TERMINATING};
+        let Some(b) = self.backends.get(&id) else {
+            return "<missing>".into();
+        };
+        let mut s = frontend_name(&b.addr, b.port_be, b.proto);
+        for (flag, set, name) in [
+            (BE_F_LOCAL, true, " local"),
+            (BE_F_SERVING, false, " not-serving"),
+            (BE_F_TERMINATING, true, " terminating"),
+        ] {
+            if (b.flags & flag != 0) == set {
+                s.push_str(name);
+            }
         }
+        s
     }
 
     /// A readable, deterministic dump of every entry, with ids resolved: used by golden
