@@ -53,6 +53,8 @@ pub struct AgentConfig {
     pub debounce: Duration,
     /// Node-level datapath settings (`node_name` is overwritten with `node_name` above).
     pub node: NodeSettings,
+    /// cgroup v2 directory whose sockets get socket-level load balancing (None: off).
+    pub cgroup: Option<PathBuf>,
 }
 
 /// Name of the file in a directory source whose number the agent reports as the input
@@ -71,12 +73,22 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
         pin_dir: cfg.pin_dir.clone(),
         capacities: cfg.capacities.clone(),
     })?;
+    if let Some(cg) = &cfg.cgroup {
+        dataplane.attach_cgroup(cg)?;
+    }
     let mut dp = dataplane.datapath()?;
     let mut current: MapImage = dp
         .read_image()
         .map_err(|e| anyhow::anyhow!("reading pinned maps: {e}"))?;
     let mut pipeline = Pipeline::new(NodeSettings {
         node_name: cfg.node_name.clone(),
+        host_netns_cookie: crate::datapath::netns_cookie()?,
+        flags: cfg.node.flags
+            | if cfg.cgroup.is_some() {
+                weir_common::config::CFG_F_SOCKET_LB
+            } else {
+                0
+            },
         ..cfg.node.clone()
     });
     pipeline.ids.seed_from(&current);

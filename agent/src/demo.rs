@@ -48,6 +48,8 @@ pub struct Mini {
     exe: PathBuf,
     servers: Vec<ChildGuard>,
     pub agent: Option<ChildGuard>,
+    /// The node's cgroup when socket-level load balancing is on.
+    pub cgroup: Option<crate::netns::CgroupGuard>,
 }
 
 const SERVICE_YAML: &str = r#"apiVersion: v1
@@ -63,7 +65,16 @@ metadata: {name: web, namespace: demo}
 spec:
   type: ClusterIP
   clusterIP: 10.96.0.10
-  ports: [{name: http, port: 80, targetPort: 8080, protocol: TCP}]
+  ports:
+  - {name: http, port: 80, targetPort: 8080, protocol: TCP}
+  - {name: dns, port: 53, targetPort: 8080, protocol: UDP}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: empty, namespace: demo}
+spec:
+  clusterIP: 10.96.0.11
+  ports: [{name: http, port: 80, protocol: TCP}]
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
@@ -72,7 +83,9 @@ metadata:
   namespace: demo
   labels: {kubernetes.io/service-name: web}
 addressType: IPv4
-ports: [{name: http, port: 8080, protocol: TCP}]
+ports:
+- {name: http, port: 8080, protocol: TCP}
+- {name: dns, port: 8080, protocol: UDP}
 endpoints:
 - addresses: [10.244.1.3]
   conditions: {ready: true}
@@ -105,6 +118,7 @@ impl Mini {
             exe: exe.to_path_buf(),
             servers: Vec::new(),
             agent: None,
+            cgroup: None,
         };
         write_sysctl(&m.node.name, "/proc/sys/net/ipv4/ip_forward", "1")?;
         for (i, name) in ["client", "backend-1", "backend-2"].iter().enumerate() {
@@ -162,6 +176,8 @@ impl Mini {
                 &format!("demo/{}", pod.name),
                 "--tcp",
                 "8080",
+                "--udp",
+                "8080",
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
@@ -172,6 +188,16 @@ impl Mini {
         std::fs::write(m.dir.join("objects.yaml"), SERVICE_YAML)?;
         std::fs::write(m.dir.join(GENERATION_FILE), "1")?;
         Ok(m)
+    }
+
+    /// Creates the node's cgroup; the agent started next attaches the socket-level load
+    /// balancer to it, and `probe` runs its clients inside it.
+    pub fn with_socket_lb(&mut self) -> Result<()> {
+        self.cgroup = Some(crate::netns::CgroupGuard::create(&format!(
+            "{}-node",
+            self.prefix
+        ))?);
+        Ok(())
     }
 
     /// Starts the agent in the node namespace.
@@ -195,9 +221,11 @@ impl Mini {
             "50",
             "--debounce-ms",
             "0",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
+        ]);
+        if let Some(cg) = &self.cgroup {
+            cmd.arg("--cgroup").arg(&cg.path);
+        }
+        cmd.stdout(Stdio::null()).stderr(Stdio::inherit());
         self.agent = Some(ChildGuard::spawn(cmd, "weir agent")?);
         Ok(())
     }
@@ -253,6 +281,43 @@ impl Mini {
         })?
     }
 
+    /// One probe from a pod, made by a child process in the pod's namespace and (with
+    /// socket LB) the node's cgroup, exactly like a pod process.
+    pub fn probe(
+        &self,
+        from: &str,
+        to: SocketAddr,
+        udp: bool,
+        connected: bool,
+    ) -> Result<crate::probe::ProbeResult> {
+        let mut cmd = Command::new(&self.exe);
+        cmd.args([
+            "probe-once",
+            "--to",
+            &to.to_string(),
+            "--timeout-ms",
+            "1500",
+        ]);
+        if udp {
+            cmd.arg("--udp");
+        }
+        if connected {
+            cmd.arg("--connected");
+        }
+        netns::command_in(&self.pod(from).ns.name, &mut cmd)?;
+        if let Some(cg) = &self.cgroup {
+            cg.command_in(&mut cmd);
+        }
+        let out = cmd
+            .stderr(Stdio::inherit())
+            .output()
+            .context("running weir probe-once")?;
+        if !out.status.success() {
+            bail!("probe-once failed: {}", out.status);
+        }
+        Ok(serde_json::from_slice(&out.stdout).context("probe-once output")?)
+    }
+
     /// Number of TCX programs attached to a pod's host interface (ingress + egress).
     pub fn attached_programs(&self, pod: &str) -> Result<usize> {
         let ifname = self.pod(pod).host_if.clone();
@@ -280,6 +345,8 @@ impl Drop for Mini {
     fn drop(&mut self) {
         self.stop_agent();
         self.servers.clear();
+        // The cgroup can only go once the processes in it (servers, probes) are gone.
+        self.cgroup.take();
         let _ = std::fs::remove_dir_all(&self.dir);
         // Pins are removed by the agent on SIGTERM; remove them here too if it crashed.
         let _ = std::fs::remove_dir_all(&self.pin_dir);

@@ -11,6 +11,7 @@
 //! - [`source`]: cluster state from a directory of Kubernetes YAML (and the API server),
 //!   converted into `weir_core::model`.
 //! - [`netns`]: namespaces, links and child processes for the demo, lab and tests.
+//! - [`probe`]: one probe from inside a namespace and cgroup, as JSON.
 //! - [`serve`]: the identity server lab pods run.
 //! - [`demo`]: the walking-skeleton demo (one node, one ClusterIP, two backends).
 //! - [`logging`]: tracing setup (text or JSON).
@@ -24,6 +25,7 @@ pub mod datapath;
 pub mod demo;
 pub mod logging;
 pub mod netns;
+pub mod probe;
 pub mod serve;
 pub mod source;
 pub mod testing;

@@ -42,6 +42,22 @@ enum Cmd {
         #[arg(long)]
         pin_dir: PathBuf,
     },
+    /// Make one connection (or UDP exchange) and print the outcome as JSON (tests, lab).
+    #[command(hide = true)]
+    ProbeOnce {
+        /// Enter this network namespace first.
+        #[arg(long)]
+        netns: Option<String>,
+        #[arg(long)]
+        to: std::net::SocketAddr,
+        #[arg(long)]
+        udp: bool,
+        /// UDP: connect() the socket instead of sendto/recvfrom.
+        #[arg(long)]
+        connected: bool,
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+    },
     /// Run the identity server used by lab pods.
     #[command(hide = true)]
     Serve {
@@ -107,6 +123,11 @@ struct AgentArgs {
     /// (consistent hashing; per Service with the annotation weir.dev/lb-algorithm: maglev).
     #[arg(long, value_enum, default_value_t = LbAlgorithm::Random)]
     lb_algorithm: LbAlgorithm,
+    /// cgroup v2 directory whose sockets get socket-level load balancing (east-west
+    /// traffic connected straight to backends); usually the cgroup root. Unset: off, all
+    /// traffic takes the per-packet path.
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
     /// Entries of each Maglev lookup table (a prime, e.g. 251, 1021, 4093, 16381).
     #[arg(long, default_value_t = weir_common::maps::DEFAULT_MAGLEV_TABLE_SIZE, value_parser = parse_prime)]
     maglev_table_size: u32,
@@ -204,6 +225,7 @@ fn real_main(cli: Cli) -> Result<()> {
                     },
                     ..Default::default()
                 },
+                cgroup: a.cgroup,
             };
             runtime()?.block_on(agent::run(cfg, shutdown_signal()))
         }
@@ -223,6 +245,19 @@ fn real_main(cli: Cli) -> Result<()> {
             }
             std::fs::remove_dir_all(&pin_dir)
                 .with_context(|| format!("removing {}", pin_dir.display()))
+        }
+        Cmd::ProbeOnce {
+            netns,
+            to,
+            udp,
+            connected,
+            timeout_ms,
+        } => {
+            if let Some(ns) = &netns {
+                weir::netns::enter(ns)?;
+            }
+            weir::probe::run(to, udp, connected, Duration::from_millis(timeout_ms));
+            Ok(())
         }
         Cmd::Serve {
             identity,

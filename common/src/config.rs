@@ -32,10 +32,13 @@ pub struct NodeConfig {
     pub maglev_table_size: u32,
     /// The input generation the agent last programmed (`weir lab` waits for it).
     pub generation: u64,
+    /// Network namespace cookie of the node's host namespace (the agent's own): socket
+    /// hooks treat sockets there as node-originated traffic (`bpf_get_netns_cookie`).
+    pub host_netns_cookie: u64,
 }
 crate::assert_layout!(
     NodeConfig,
-    size = 120,
+    size = 128,
     cluster_v4 = 32,
     cluster_v4_plen = 64,
     service_v4 = 68,

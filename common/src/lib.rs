@@ -17,6 +17,7 @@
 //! - [`lb`]: Service load balancing: `SERVICES`, `BACKENDS`, `REV_NAT`, `AFFINITY`, `MAGLEV`.
 //! - [`ct`]: connection tracking (`CT`) and its flags, states and timeouts.
 //! - [`metrics`]: datapath counters (`METRICS`) and the reason codes.
+//! - [`sock`]: the reverse map of socket-level load balancing.
 //! - [`config`]: node-wide datapath settings (`CONFIG`) and node addresses (`NODE_ADDRS`).
 //! - [`crc32c`]: incremental CRC32c for SCTP port translation.
 //! - [`maps`]: map names and default capacities, the one list both sides use.
@@ -32,6 +33,7 @@ pub mod ct;
 pub mod lb;
 pub mod maps;
 pub mod metrics;
+pub mod sock;
 
 pub use addr::Addr;
 

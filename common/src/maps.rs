@@ -16,6 +16,8 @@ pub const AFFINITY_SETS: &str = "AFFINITY_SETS";
 /// by the agent at load; SCTP port translation needs it per packet length.
 pub const CRC32C_SHIFT: &str = "CRC32C_SHIFT";
 pub const CRC32C_SHIFT_ENTRIES: u32 = 65536;
+pub const SOCK_REV: &str = "SOCK_REV";
+pub const DEFAULT_SOCK_REV_MAX: u32 = 262144;
 
 pub const DEFAULT_SERVICES_MAX: u32 = 65536;
 pub const DEFAULT_BACKENDS_MAX: u32 = 65536;
@@ -41,4 +43,5 @@ pub const ALL: &[(&str, u32)] = &[
     (NODE_ADDRS, DEFAULT_NODE_ADDRS_MAX),
     (SOURCE_RANGES, DEFAULT_SOURCE_RANGES_MAX),
     (AFFINITY_SETS, DEFAULT_BACKENDS_MAX),
+    (SOCK_REV, DEFAULT_SOCK_REV_MAX),
 ];

@@ -39,6 +39,9 @@ pub struct NodeSettings {
     pub nodeport_cidrs: Vec<ipnet::IpNet>,
     /// Addresses configured on this node's interfaces (the agent reads them).
     pub local_addrs: Vec<IpAddr>,
+    /// The node's host network namespace cookie (SO_NETNS_COOKIE of the agent's
+    /// namespace): socket hooks recognise node-originated sockets by it.
+    pub host_netns_cookie: u64,
     pub compile: CompileOptions,
 }
 
@@ -55,6 +58,7 @@ impl Default for NodeSettings {
             service_cidrs: Vec::new(),
             nodeport_cidrs: Vec::new(),
             local_addrs: Vec::new(),
+            host_netns_cookie: 0,
             compile: CompileOptions::default(),
         }
     }
@@ -240,6 +244,7 @@ impl Pipeline {
             snat_port_max: self.settings.snat_port_max,
             maglev_table_size: self.settings.compile.maglev_table_size,
             generation,
+            host_netns_cookie: self.settings.host_netns_cookie,
         });
 
         // Free the ids of backends and frontends nothing refers to any more.

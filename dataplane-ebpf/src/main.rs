@@ -8,6 +8,7 @@
 //! - `metrics`: per-CPU counters.
 //! - `reject`: TCP RST / ICMP port unreachable generated in place.
 //! - `icmp`: ICMP errors about translated flows, translated back.
+//! - `sock`: socket-level load balancing (cgroup sock_addr hooks).
 //! - `flow`: the per-packet pipeline the TC entry points share.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
@@ -30,12 +31,20 @@ mod nat;
 mod parse;
 #[cfg(target_arch = "bpf")]
 mod reject;
+#[cfg(target_arch = "bpf")]
+mod sock;
 
 #[cfg(target_arch = "bpf")]
 mod programs {
-    use aya_ebpf::{macros::classifier, programs::TcContext};
+    use aya_ebpf::{
+        macros::{cgroup_sock_addr, classifier},
+        programs::{SockAddrContext, TcContext},
+    };
 
-    use crate::flow::{self, Hook};
+    use crate::{
+        flow::{self, Hook},
+        sock,
+    };
 
     /// TC ingress on the host side of a pod's veth: packets leaving the pod.
     #[classifier]
@@ -53,6 +62,46 @@ mod programs {
     #[classifier]
     pub fn tc_uplink_in(ctx: TcContext) -> i32 {
         flow::handle(&ctx, Hook::UplinkIn)
+    }
+
+    #[cgroup_sock_addr(connect4)]
+    pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
+        sock::translate(&ctx, false)
+    }
+
+    #[cgroup_sock_addr(connect6)]
+    pub fn sock_connect6(ctx: SockAddrContext) -> i32 {
+        sock::translate(&ctx, true)
+    }
+
+    #[cgroup_sock_addr(sendmsg4)]
+    pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+        sock::translate(&ctx, false)
+    }
+
+    #[cgroup_sock_addr(sendmsg6)]
+    pub fn sock_sendmsg6(ctx: SockAddrContext) -> i32 {
+        sock::translate(&ctx, true)
+    }
+
+    #[cgroup_sock_addr(recvmsg4)]
+    pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+        sock::reverse(&ctx, false)
+    }
+
+    #[cgroup_sock_addr(recvmsg6)]
+    pub fn sock_recvmsg6(ctx: SockAddrContext) -> i32 {
+        sock::reverse(&ctx, true)
+    }
+
+    #[cgroup_sock_addr(getpeername4)]
+    pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
+        sock::reverse(&ctx, false)
+    }
+
+    #[cgroup_sock_addr(getpeername6)]
+    pub fn sock_getpeername6(ctx: SockAddrContext) -> i32 {
+        sock::reverse(&ctx, true)
     }
 }
 

@@ -16,6 +16,7 @@ use weir_common::{
     },
     maps::*,
     metrics::{Counter, REASON_MAX},
+    sock::{SockRevKey, SockRevValue},
 };
 
 use crate::parse::Pkt;
@@ -80,6 +81,10 @@ pub static WORK: PerCpuArray<Work> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 pub static NODE_ADDRS: HashMap<Addr, NodeAddrValue> = HashMap::pinned(DEFAULT_NODE_ADDRS_MAX, 0);
+#[map]
+pub static SOCK_REV: LruHashMap<SockRevKey, SockRevValue> =
+    LruHashMap::pinned(DEFAULT_SOCK_REV_MAX, 0);
+
 /// Not pinned: its content is a constant the agent writes at every load.
 #[map]
 pub static CRC32C_SHIFT: Array<u32> = Array::with_max_entries(CRC32C_SHIFT_ENTRIES, 0);

@@ -23,7 +23,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType,
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
     },
@@ -75,6 +75,18 @@ impl Hook {
 
     pub const ALL: [Hook; 3] = [Hook::FromPod, Hook::ToPod, Hook::UplinkIn];
 }
+
+/// The socket-level load-balancing programs (cgroup sock_addr hooks).
+pub const SOCK_PROGRAMS: [&str; 8] = [
+    "sock_connect4",
+    "sock_connect6",
+    "sock_sendmsg4",
+    "sock_sendmsg6",
+    "sock_recvmsg4",
+    "sock_recvmsg6",
+    "sock_getpeername4",
+    "sock_getpeername6",
+];
 
 /// Options for loading the datapath.
 #[derive(Clone, Debug)]
@@ -141,6 +153,14 @@ impl Dataplane {
                 .try_into()?;
             prog.load()
                 .with_context(|| format!("verifier rejected program {}", hook.program()))?;
+        }
+        for name in SOCK_PROGRAMS {
+            let prog: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
+                .try_into()?;
+            prog.load()
+                .with_context(|| format!("verifier rejected program {name}"))?;
         }
         fill_crc_shift(&mut ebpf)?;
         info!(pin_dir = %opts.pin_dir.display(), "datapath loaded");
@@ -209,6 +229,40 @@ impl Dataplane {
         }
         debug!(ifname, ?hook, adopted, "attached");
         self.attached.insert((ifname.to_string(), hook), ());
+        Ok(())
+    }
+
+    /// Attaches the socket-level load balancer to the cgroup v2 directory `cgroup` (all
+    /// of a node's pods and its host processes should be below it). Links are pinned as
+    /// `links/cgroup_<program>`; an earlier agent's links are replaced by attaching the
+    /// new programs first and then dropping the old links (multi-attach: while both run,
+    /// the second sees a backend, not a frontend, and changes nothing).
+    pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<()> {
+        let dir = std::fs::File::open(cgroup)
+            .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+        for name in SOCK_PROGRAMS {
+            let pin = self.pins.links_dir().join(format!("cgroup_{name}"));
+            let prog: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing"))?
+                .try_into()?;
+            // Link-based cgroup attachment (what aya uses on >= 5.7) takes no flags and
+            // always allows several links per hook, which the replace-on-restart above
+            // relies on.
+            let id = prog
+                .attach(&dir, CgroupAttachMode::Single)
+                .with_context(|| format!("attaching {name} to cgroup {}", cgroup.display()))?;
+            let fd: FdLink = prog.take_link(id)?.try_into()?;
+            let old = PinnedLink::from_pin(&pin).ok();
+            if let Some(old) = old {
+                let old: FdLink = old.unpin()?;
+                drop(old);
+            }
+            fd.pin(&pin)
+                .with_context(|| format!("pinning link {}", pin.display()))?;
+        }
+        debug!(cgroup = %cgroup.display(), "socket load balancing attached");
         Ok(())
     }
 
@@ -301,6 +355,33 @@ fn fill_crc_shift(ebpf: &mut Ebpf) -> Result<()> {
         arr.set(n, x8nmodp(n), 0)?;
     }
     Ok(())
+}
+
+/// The cookie of the current network namespace (SO_NETNS_COOKIE), as
+/// bpf_get_netns_cookie reports it for sockets created here.
+pub fn netns_cookie() -> Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        bail!("socket: {}", std::io::Error::last_os_error());
+    }
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            &mut cookie as *mut u64 as *mut _,
+            &mut len,
+        )
+    };
+    let err = std::io::Error::last_os_error();
+    unsafe { libc::close(fd) };
+    if rc != 0 {
+        bail!("getsockopt(SO_NETNS_COOKIE): {err}");
+    }
+    Ok(cookie)
 }
 
 /// ifindex of an interface in the current network namespace.
