@@ -315,7 +315,7 @@ impl Mini {
         if !out.status.success() {
             bail!("probe-once failed: {}", out.status);
         }
-        Ok(serde_json::from_slice(&out.stdout).context("probe-once output")?)
+        serde_json::from_slice(&out.stdout).context("probe-once output")
     }
 
     /// Number of TCX programs attached to a pod's host interface (ingress + egress).
