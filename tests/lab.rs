@@ -590,7 +590,10 @@ fn apply_and_delete_change_what_the_service_reaches() {
     assert_eq!(a["changes"][0]["kind"], "Pod");
     assert_eq!(a["changes"][0]["key"], "d/w2");
     assert_eq!(a["changes"][0]["action"], "configured");
-    assert_eq!(strs(&pod(&a, "d", "w2")["ips"]), [w2_ip.clone()]);
+    assert_eq!(
+        strs(&pod(&a, "d", "w2")["ips"]),
+        std::slice::from_ref(&w2_ip)
+    );
     assert_eq!(
         backend_set(&lab.backends("d/client", to, 80, "TCP", 30)),
         set(&["d/w1", "d/w2"])

@@ -23,7 +23,6 @@ pub fn lab_cmd(args: &[&str]) -> Result<Value, String> {
     let out = Command::new(weir())
         .arg("lab")
         .args(args)
-        .env("RUST_LOG", "warn")
         .output()
         .expect("running weir");
     if !out.status.success() {
@@ -69,6 +68,15 @@ impl TestLab {
     pub fn up_with(yaml: &str, extra: &[&str]) -> (TestLab, Value) {
         let lab = TestLab::named();
         let v = lab.try_up(yaml, extra).unwrap_or_else(|e| panic!("{e}"));
+        (lab, v)
+    }
+
+    /// `weir lab up` of files or directories as they are (e.g. the examples).
+    pub fn up_paths(paths: &[&str]) -> (TestLab, Value) {
+        let lab = TestLab::named();
+        let mut args = vec!["up", "--name", &lab.name];
+        args.extend_from_slice(paths);
+        let v = lab_cmd(&args).unwrap_or_else(|e| panic!("{e}"));
         (lab, v)
     }
 
@@ -195,6 +203,9 @@ pub fn recorded_processes(state: &Value) -> Vec<weir::lab::state::Proc> {
     }
     v
 }
+
+/// examples/netpol-xyz: the x/y/z model with ports 80 and 81, TCP and UDP.
+pub const XYZ_EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/netpol-xyz");
 
 /// The x/y/z model of the upstream NetworkPolicy e2e suite (docs/upstream-netpol.md
 /// §2): namespaces x, y, z; pods a, b, c in each with the single label `pod: <letter>`;

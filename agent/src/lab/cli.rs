@@ -192,10 +192,10 @@ pub fn up(
     spec::resolve(&input, &cfg, None)?;
     let exe = std::env::current_exe().context("finding the weir binary")?;
     let mut lab = Lab::create(name, cfg, &exe, created_by)?;
-    tracing::info!(lab = name, dir = %lab.dir.display(), "building the lab");
+    tracing::debug!(lab = name, dir = %lab.dir.display(), "building the lab");
     match lab.converge(input, timeout) {
         Ok(generation) => {
-            tracing::info!(lab = name, generation, "lab is up and programmed");
+            tracing::debug!(lab = name, generation, "lab is up and programmed");
             let mut v = view::lab_view(&lab, None);
             v.warnings.extend(loaded.warnings);
             Ok(v)

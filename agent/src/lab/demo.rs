@@ -117,7 +117,13 @@ fn describe(r: &ProbeReport) -> String {
             parts.push(format!("{n} {what}"));
         }
     }
-    let mut out = format!("{} of {}: {}", parts.join(", "), s.attempts, r.to.address);
+    let mut out = format!(
+        "{} (of {} to {}:{})",
+        parts.join(", "),
+        s.attempts,
+        r.to.address,
+        r.to.port
+    );
     if !s.backends.is_empty() {
         out.push_str(&format!(
             "; answered by {}",
@@ -267,7 +273,7 @@ pub fn run(name: &str, dir: Option<PathBuf>, keep: bool) -> Result<DemoReport> {
             if ok {
                 "That is what happened."
             } else {
-                "This does NOT match."
+                "This does NOT match the expectation."
             }
         ));
         steps.push(Step {
@@ -300,7 +306,7 @@ pub fn run(name: &str, dir: Option<PathBuf>, keep: bool) -> Result<DemoReport> {
             if ok {
                 "That is what happened."
             } else {
-                "This does NOT match (NodePort support may not be part of this build yet)."
+                "This does NOT match the expectation."
             }
         ));
         steps.push(Step {
@@ -321,7 +327,7 @@ pub fn run(name: &str, dir: Option<PathBuf>, keep: bool) -> Result<DemoReport> {
             if ok_a {
                 "That is what happened."
             } else {
-                "This does NOT match."
+                "This does NOT match the expectation."
             }
         ));
         steps.push(Step {
@@ -344,7 +350,7 @@ pub fn run(name: &str, dir: Option<PathBuf>, keep: bool) -> Result<DemoReport> {
             if ok_d {
                 "That is what happened."
             } else {
-                "This does NOT match: NetworkPolicy enforcement is not active in this build."
+                "This does NOT match the expectation."
             }
         ));
         steps.push(Step {

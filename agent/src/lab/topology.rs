@@ -34,7 +34,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use ipnet::IpNet;
-use tracing::{debug, info};
+use tracing::debug;
 
 use super::{
     Names,
@@ -504,7 +504,7 @@ impl Lab {
             },
         );
         self.save()?;
-        info!(node = name, "node namespace ready");
+        debug!(node = name, "node namespace ready");
         Ok(())
     }
 
@@ -539,7 +539,7 @@ impl Lab {
         .collect();
         args.extend(self.state.agent_flags.iter().cloned());
         let p = spawn_detached(&self.state.exe, &args, None, None, &n.log)?;
-        info!(node, pid = p.pid, log = %n.log.display(), "agent started");
+        debug!(node, pid = p.pid, log = %n.log.display(), "agent started");
         self.state.nodes.get_mut(node).context("node")?.agent = Some(p);
         self.save()
     }
@@ -564,7 +564,7 @@ impl Lab {
         self.state.namespaces.remove(&n.netns);
         self.state.cgroups.remove(&n.cgroup);
         self.save()?;
-        info!(node, "node removed");
+        debug!(node, "node removed");
         Ok(())
     }
 
