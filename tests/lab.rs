@@ -107,6 +107,14 @@ spec:
   - {name: http, port: 80, targetPort: 8080, nodePort: 31080}
   - {name: alt, port: 81, targetPort: 8080}
 ---
+apiVersion: v1
+kind: Service
+metadata: {name: zlb, namespace: shop}
+spec:
+  type: LoadBalancer
+  selector: {app: web}
+  ports: [{port: 80, targetPort: 8080}]
+---
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
 metadata: {name: anything, namespace: shop}
@@ -175,6 +183,61 @@ fn up_fills_in_the_cluster_status_reports_it_and_down_removes_everything() {
     assert_eq!(np["ports"][0]["nodePort"], 31080);
     assert_eq!(np["ports"][1]["nodePort"], 30000);
     assert_eq!(strs(&v["networkPolicies"]), ["shop/anything"]);
+    // A LoadBalancer gets an ingress IP (as a load-balancer controller would publish) and
+    // a nodePort; the fabric routes its IP through the first node.
+    let lb = service(&v, "shop", "zlb");
+    assert_eq!(strs(&lb["loadBalancerIPs"]), ["198.51.100.10"]);
+    assert_eq!(lb["ports"][0]["nodePort"], 30001);
+    let fabric = format!("wl-{}-fabric", lab.name);
+    let routes = || weir::netns::ip(&["-n", &fabric, "route", "show", "198.51.100.10"]).unwrap();
+    assert!(routes().contains("via 192.168.100.2"), "{}", routes());
+
+    // Destinations resolve to what a client would dial (results depend on NodePort and
+    // LoadBalancer support in the datapath, which these lines do not assert).
+    let r = lab.run(
+        "probe",
+        &[
+            "--from",
+            "external@n2",
+            "--to",
+            "nodeport/n2/shop/web-np",
+            "--port",
+            "81",
+            "--timeout-ms",
+            "200",
+        ],
+    );
+    assert_eq!(
+        (
+            r["to"]["kind"].clone(),
+            r["to"]["address"].clone(),
+            r["to"]["port"].clone(),
+            r["to"]["servicePort"].clone()
+        ),
+        (
+            "nodePort".into(),
+            "192.168.100.3".into(),
+            30000.into(),
+            81.into()
+        )
+    );
+    let r = lab.run(
+        "probe",
+        &[
+            "--from",
+            "external@n2",
+            "--to",
+            "lb/shop/zlb",
+            "--port",
+            "80",
+            "--timeout-ms",
+            "200",
+        ],
+    );
+    assert_eq!(r["to"]["address"], "198.51.100.10");
+    assert_eq!(r["from"]["entryNode"], "n2");
+    // The probe entered through n2: the fabric now routes the LB IP there.
+    assert!(routes().contains("via 192.168.100.3"), "{}", routes());
 
     // The agents read the filled-in objects, derived EndpointSlices included, and the
     // policy passed through untouched.
@@ -633,7 +696,7 @@ fn apply_and_delete_change_what_the_service_reaches() {
             .all(|n| n["name"] != "n3")
     );
     assert!(
-        weir::netns::list_by_prefix(&format!("wl-{}-p-d-w3", lab.name)).is_empty(),
+        weir::netns::list_by_prefix(&format!("wl-{}-p-d.w3", lab.name)).is_empty(),
         "pod namespace removed"
     );
     assert!(

@@ -23,7 +23,7 @@
 //! # Names (everything the lab creates carries its prefix)
 //! A lab name is 1-12 of `[a-z0-9]` (no `-`, so that `wl-<name>-` never prefixes another
 //! lab's names). Network namespaces: `wl-<name>-fabric`, `wl-<name>-ext`,
-//! `wl-<name>-n-<node>`, `wl-<name>-p-<namespace>-<pod>`, `wl-<name>-e-<address>`.
+//! `wl-<name>-n-<node>`, `wl-<name>-p-<namespace>.<pod>`, `wl-<name>-e-<address>`.
 //! cgroups: `<cgroup2 root>/weir-lab-<name>-<node>`. bpffs: `/sys/fs/bpf/weir/wl-<name>-<node>`.
 //! Interfaces only need to be unique inside their namespace: `eth0` (node uplink, pod
 //! side of a pod veth, external client), `lxc<N>` (host side of pod veths, never reused
@@ -119,7 +119,9 @@ impl Names {
     }
 
     pub fn pod(&self, key: &str) -> String {
-        bounded(format!("{}p-{}", self.prefix(), key.replace('/', "-")))
+        // `.` between namespace and pod: a namespace name (a DNS label) has no dot, so
+        // `a-b/c` and `a/b-c` cannot collide as they would with `-`.
+        bounded(format!("{}p-{}", self.prefix(), key.replacen('/', ".", 1)))
     }
 
     pub fn endpoint(&self, addr: &std::net::IpAddr) -> String {
@@ -165,7 +167,8 @@ mod tests {
     fn names_carry_the_prefix_and_never_match_another_lab() {
         let n = Names::new("a");
         assert_eq!(n.node("node-1"), "wl-a-n-node-1");
-        assert_eq!(n.pod("x/a"), "wl-a-p-x-a");
+        assert_eq!(n.pod("x/a"), "wl-a-p-x.a");
+        assert_ne!(n.pod("a-b/c"), n.pod("a/b-c"));
         assert_eq!(n.endpoint(&"fd00::5".parse().unwrap()), "wl-a-e-fd00__5");
         assert_eq!(n.cgroup_name("node.1"), "weir-lab-a-node.1");
         assert_eq!(
@@ -180,7 +183,7 @@ mod tests {
         assert_eq!(lab_of("wd1234"), None);
         let long = n.pod(&format!("x/{}", "p".repeat(250)));
         assert!(
-            long.len() <= 200 && long.starts_with("wl-a-p-x-ppp"),
+            long.len() <= 200 && long.starts_with("wl-a-p-x.ppp"),
             "{long}"
         );
         assert_ne!(long, n.pod(&format!("x/{}q", "p".repeat(250))));

@@ -396,13 +396,48 @@ fn set_ns(meta: &mut ObjectMeta) {
     }
 }
 
+/// RFC 1123 label (namespace names): what the API server accepts.
+pub fn dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// RFC 1123 subdomain (names of pods, nodes and most objects).
+pub fn dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(dns_label)
+}
+
+/// The object's name, checked as the API server would (lab names of namespaces, cgroups
+/// and pin directories are built from them, so they must not collide or contain `/`).
 fn check_name(kind: &'static str, meta: &ObjectMeta) -> Result<String, SpecError> {
     let name = meta.name.clone().unwrap_or_default();
     if name.is_empty() {
         return Err(invalid(kind, "<unnamed>", "metadata.name is empty"));
     }
-    if name.contains('/') || name.contains('\0') {
-        return Err(invalid(kind, name, "metadata.name contains '/'"));
+    let ok = if kind == "Namespace" {
+        dns_label(&name)
+    } else {
+        dns_subdomain(&name)
+    };
+    if !ok {
+        return Err(invalid(
+            kind,
+            name,
+            "metadata.name must be lowercase letters, digits, '-' (and '.' except for namespaces), as Kubernetes requires",
+        ));
+    }
+    if let Some(ns) = meta.namespace.as_deref().filter(|n| !n.is_empty())
+        && !dns_label(ns)
+    {
+        return Err(invalid(
+            kind,
+            format!("{ns}/{name}"),
+            "metadata.namespace is not a valid namespace name",
+        ));
     }
     Ok(name)
 }
@@ -911,6 +946,13 @@ pub fn resolve(
     let mut node_names: BTreeSet<String> = input.nodes.keys().cloned().collect();
     for p in input.pods.values() {
         if let Some(n) = pod_node(p) {
+            if !dns_subdomain(n) {
+                return Err(invalid(
+                    "Pod",
+                    key(&p.metadata),
+                    format!("spec.nodeName {n:?} is not a valid node name"),
+                ));
+            }
             node_names.insert(n.to_string());
         }
         if p.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
@@ -924,6 +966,13 @@ pub fn resolve(
     for s in input.slices.values() {
         for e in s.endpoints.iter().flatten() {
             if let Some(n) = e.node_name.as_deref().filter(|n| !n.is_empty()) {
+                if !dns_subdomain(n) {
+                    return Err(invalid(
+                        "EndpointSlice",
+                        key(&s.metadata),
+                        format!("endpoint nodeName {n:?} is not a valid node name"),
+                    ));
+                }
                 node_names.insert(n.to_string());
             }
         }
@@ -2370,6 +2419,39 @@ endpoints: [{addresses: [10.244.0.9], nodeName: n1}]
         let c = i.delete("namespace/x").unwrap();
         assert!(i.pods.is_empty() && i.services.is_empty());
         assert!(c.iter().any(|c| c.kind == "Service" && c.key == "x/web"));
+    }
+
+    #[test]
+    fn names_are_checked_like_the_api_server_does() {
+        let mut l = Loaded::default();
+        parse_text(
+            "kind: Pod\napiVersion: v1\nmetadata: {name: Web_1}\nspec: {containers: []}\n",
+            "t",
+            &mut l,
+        )
+        .unwrap();
+        let e = Input::default().apply(l.objects).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("Pod Web_1: metadata.name must be"),
+            "{e}"
+        );
+        let mut l = Loaded::default();
+        parse_text(
+            "kind: Pod\napiVersion: v1\nmetadata: {name: a, namespace: x.y}\nspec: {containers: []}\n",
+            "t",
+            &mut l,
+        )
+        .unwrap();
+        assert!(Input::default().apply(l.objects).is_err());
+        assert!(dns_subdomain("node-1.example.com") && !dns_label("a.b") && !dns_label("-a"));
+        let e = resolve(
+            &load("kind: Pod\napiVersion: v1\nmetadata: {name: a}\nspec: {nodeName: N1, containers: []}\n"),
+            &LabConfig::default(),
+            None,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("not a valid node name"), "{e}");
     }
 
     #[test]

@@ -447,40 +447,53 @@ impl Lab {
         self.state.next_node_index += 1;
         let ns = self.names.node(name);
         self.new_netns(&ns)?;
-        sysctls(&ns, true)?;
-        let mac = format!(
-            "02:00:00:00:{:02x}:{:02x}",
-            (index >> 8) & 0xff,
-            index & 0xff
-        );
-        let up = format!("n{index}");
-        let mut fab = vec![
-            format!(
-                "link add {up} address {GW_MAC} type veth peer name eth0 address {mac} netns {ns}"
-            ),
-            format!("link set {up} up"),
-        ];
-        for ip in &ips {
-            fab.push(format!("route replace {} dev {up}", host_prefix(ip)));
-            fab.push(format!(
-                "neigh replace {ip} lladdr {mac} dev {up} nud permanent"
-            ));
-        }
-        for c in &cidrs {
-            let f = Family::of(&c.addr());
-            let via = ips.iter().find(|i| Family::of(i) == f).with_context(|| {
-                format!("node {name} has pod CIDR {c} but no address of its family")
-            })?;
-            fab.push(format!("route replace {c} via {via} dev {up}"));
-        }
-        netns::ip_batch(&fabric, &fab)?;
-        let mut lines: Vec<String> = ips.iter().map(|ip| addr_add(ip, "eth0")).collect();
-        lines.extend(gateway_lines("eth0", &families_of(&ips)));
-        for c in &cidrs {
-            lines.push(format!("route add blackhole {c}"));
-        }
-        netns::ip_batch(&ns, &lines)?;
-
+        let built = (|| -> Result<String> {
+            sysctls(&ns, true)?;
+            let mac = format!(
+                "02:00:00:00:{:02x}:{:02x}",
+                (index >> 8) & 0xff,
+                index & 0xff
+            );
+            let up = format!("n{index}");
+            let mut fab = vec![
+                format!(
+                    "link add {up} address {GW_MAC} type veth peer name eth0 address {mac} netns {ns}"
+                ),
+                format!("link set {up} up"),
+            ];
+            for ip in &ips {
+                fab.push(format!("route replace {} dev {up}", host_prefix(ip)));
+                fab.push(format!(
+                    "neigh replace {ip} lladdr {mac} dev {up} nud permanent"
+                ));
+            }
+            for c in &cidrs {
+                let f = Family::of(&c.addr());
+                let via = ips.iter().find(|i| Family::of(i) == f).with_context(|| {
+                    format!("node {name} has pod CIDR {c} but no address of its family")
+                })?;
+                fab.push(format!("route replace {c} via {via} dev {up}"));
+            }
+            netns::ip_batch(&fabric, &fab)?;
+            let mut lines: Vec<String> = ips.iter().map(|ip| addr_add(ip, "eth0")).collect();
+            lines.extend(gateway_lines("eth0", &families_of(&ips)));
+            for c in &cidrs {
+                lines.push(format!("route add blackhole {c}"));
+            }
+            netns::ip_batch(&ns, &lines)?;
+            Ok(mac)
+        })();
+        let mac = match built {
+            Ok(m) => m,
+            Err(e) => {
+                // Deleting the namespace also deletes the fabric end of its uplink (and
+                // the fabric routes through it).
+                netns::ip(&["netns", "del", &ns]).ok();
+                self.state.namespaces.remove(&ns);
+                self.save().ok();
+                return Err(e.context(format!("setting up node {name}")));
+            }
+        };
         let cg = netns::cgroup2_root()?.join(self.names.cgroup_name(name));
         self.state.cgroups.insert(cg.clone());
         self.save()?;
@@ -586,40 +599,53 @@ impl Lab {
             idx & 0xff
         );
         self.new_netns(&w.netns)?;
-        let mut host = vec![
-            format!(
-                "link add {lxc} address {GW_MAC} type veth peer name eth0 address {mac} netns {}",
-                w.netns
-            ),
-            format!("link set {lxc} up"),
-        ];
-        for ip in &w.ips {
-            host.push(format!("route replace {} dev {lxc}", host_prefix(ip)));
-            host.push(format!(
-                "neigh replace {ip} lladdr {mac} dev {lxc} nud permanent"
+        let built = (|| -> Result<WorkloadRt> {
+            let mut host = vec![
+                format!(
+                    "link add {lxc} address {GW_MAC} type veth peer name eth0 address {mac} netns {}",
+                    w.netns
+                ),
+                format!("link set {lxc} up"),
+            ];
+            for ip in &w.ips {
+                host.push(format!("route replace {} dev {lxc}", host_prefix(ip)));
+                host.push(format!(
+                    "neigh replace {ip} lladdr {mac} dev {lxc} nud permanent"
+                ));
+            }
+            netns::ip_batch(&node.netns, &host)?;
+            let mut lines: Vec<String> = w.ips.iter().map(|ip| addr_add(ip, "eth0")).collect();
+            lines.extend(gateway_lines("eth0", &families_of(&w.ips)));
+            netns::ip_batch(&w.netns, &lines)?;
+            let log = self.logs_dir().join(format!(
+                "server-{}.log",
+                w.identity.replace(['/', ':'], "_")
             ));
-        }
-        netns::ip_batch(&node.netns, &host)?;
-        let mut lines: Vec<String> = w.ips.iter().map(|ip| addr_add(ip, "eth0")).collect();
-        lines.extend(gateway_lines("eth0", &families_of(&w.ips)));
-        netns::ip_batch(&w.netns, &lines)?;
-        let log = self.logs_dir().join(format!(
-            "server-{}.log",
-            w.identity.replace(['/', ':'], "_")
-        ));
-        let mut rt = WorkloadRt {
-            identity: w.identity.clone(),
-            node: w.node.clone(),
-            netns: w.netns.clone(),
-            lxc,
-            mac,
-            ips: w.ips.clone(),
-            tcp: w.tcp.clone(),
-            udp: w.udp.clone(),
-            server: None,
-            log,
+            let mut rt = WorkloadRt {
+                identity: w.identity.clone(),
+                node: w.node.clone(),
+                netns: w.netns.clone(),
+                lxc,
+                mac,
+                ips: w.ips.clone(),
+                tcp: w.tcp.clone(),
+                udp: w.udp.clone(),
+                server: None,
+                log,
+            };
+            rt.server = self.start_server(&rt, &node.cgroup)?;
+            Ok(rt)
+        })();
+        let rt = match built {
+            Ok(rt) => rt,
+            Err(e) => {
+                // Leave nothing half-built: a later apply can create it afresh.
+                netns::ip(&["netns", "del", &w.netns]).ok();
+                self.state.namespaces.remove(&w.netns);
+                self.save().ok();
+                return Err(e.context(format!("setting up {}", w.identity)));
+            }
         };
-        rt.server = self.start_server(&rt, &node.cgroup)?;
         if endpoint {
             self.state.endpoints.insert(key.to_string(), rt);
         } else {
