@@ -417,6 +417,7 @@ fn probes_report_each_result_kind_from_pods_nodes_and_outside() {
     assert_eq!(one("p/a", "10.244.1.200", 80, "UDP")["result"], "timeout");
     // An address nothing routes: the fabric answers network unreachable.
     assert_eq!(one("p/a", "198.18.0.1", 80, "TCP")["result"], "unreachable");
+    assert_eq!(one("p/a", "198.18.0.1", 80, "UDP")["result"], "unreachable");
 
     // From a node's host network: the server sees the node's address.
     let r = one("node/n1", "p/b", 80, "TCP");
@@ -662,6 +663,18 @@ fn apply_and_delete_change_what_the_service_reaches() {
         set(&["d/w1", "d/w2"])
     );
 
+    // A changed container port list restarts the pod's server on the new ports (same
+    // pod, same address).
+    let before = lab.state()["pods"]["d/w2"]["server"]["pid"].clone();
+    lab.apply(&pod_yaml("w2", "web", "n2").replace(
+        "[{containerPort: 8080}]",
+        "[{containerPort: 8080}, {containerPort: 9090, protocol: UDP}]",
+    ));
+    assert_ne!(lab.state()["pods"]["d/w2"]["server"]["pid"], before);
+    let r = lab.probe("d/client", "d/w2", 9090, "UDP", 1);
+    assert_eq!(r["attempts"][0]["result"], "connected", "{r}");
+    assert_eq!(r["to"]["address"], w2_ip.as_str());
+
     // Another label change takes w1 out.
     lab.apply(&pod_yaml("w1", "old", "n1"));
     assert_eq!(
@@ -674,7 +687,7 @@ fn apply_and_delete_change_what_the_service_reaches() {
     assert_eq!(a["changes"][0]["action"], "created");
     let n3 = find(&a["nodes"], "name", "n3");
     assert_eq!(n3["agent"]["running"], true);
-    assert_eq!(n3["agent"]["programmedGeneration"], 4);
+    assert_eq!(n3["agent"]["programmedGeneration"], 5);
     assert_eq!(
         backend_set(&lab.backends("d/client", to, 80, "TCP", 30)),
         set(&["d/w2", "d/w3"])
@@ -683,7 +696,7 @@ fn apply_and_delete_change_what_the_service_reaches() {
     // Applying the same object again changes nothing but still completes.
     let a = lab.apply(&pod_yaml("w3", "web", "n3"));
     assert_eq!(a["changes"][0]["action"], "unchanged");
-    assert_eq!(a["generation"], 5);
+    assert_eq!(a["generation"], 6);
 
     // delete: the pod goes (namespace included); the last node-n3 pod goes, so does n3.
     let d = lab.delete(&["pod/d/w3"]);
@@ -957,4 +970,45 @@ spec:
     );
     assert_eq!(r["summary"]["connected"], 3, "{r}");
     assert_eq!(r["attempts"][0]["peer"], "[fd00:10:96::a]:80");
+    // IPv6 results: unreachable (the fabric's ICMPv6 no-route), timeout (a blackholed
+    // unused pod address), refused (closed port), from pods and from outside.
+    for (to, port, proto, want) in [
+        ("2001:db8:dead::1", "80", "TCP", "unreachable"),
+        ("2001:db8:dead::1", "80", "UDP", "unreachable"),
+        ("fd00:10:244:1::99", "80", "TCP", "timeout"),
+        ("ds/srv", "8081", "TCP", "refused"),
+    ] {
+        let r = lab.run(
+            "probe",
+            &[
+                "--from",
+                "ds/client",
+                "--to",
+                to,
+                "--port",
+                port,
+                "--protocol",
+                proto,
+                "--family",
+                "IPv6",
+                "--timeout-ms",
+                "300",
+            ],
+        );
+        assert_eq!(r["attempts"][0]["result"], want, "{to} {proto}: {r}");
+    }
+    let r = lab.run(
+        "probe",
+        &[
+            "--from", "external", "--to", "ds/srv", "--port", "8080", "--family", "IPv6",
+        ],
+    );
+    assert_eq!(r["from"]["address"], "2001:db8:113::2");
+    assert_eq!(r["attempts"][0]["result"], "connected", "{r}");
+    assert!(
+        r["attempts"][0]["client"]
+            .as_str()
+            .unwrap()
+            .starts_with("[2001:db8:113::2]:")
+    );
 }

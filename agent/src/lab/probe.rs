@@ -177,6 +177,17 @@ fn open_socket(ty: i32, dst: &SocketAddr, bind: Option<SocketAddr>) -> std::io::
         return Err(last_err());
     }
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // IP(V6)_RECVERR: ICMP errors that the kernel treats as soft (network or host
+    // unreachable for UDP; any ICMP that reaches a TCP socket while connect() holds its
+    // lock) are queued on the socket and wake poll(), instead of being dropped and
+    // turning an unreachable destination into a timeout.
+    let one: libc::c_int = 1;
+    let (level, opt) = if dst.is_ipv4() {
+        (libc::IPPROTO_IP, libc::IP_RECVERR)
+    } else {
+        (libc::IPPROTO_IPV6, libc::IPV6_RECVERR)
+    };
+    unsafe { libc::setsockopt(fd.as_raw_fd(), level, opt, &one as *const _ as _, 4) };
     if let Some(b) = bind {
         let one: libc::c_int = 1;
         unsafe {
@@ -221,6 +232,26 @@ fn wait_fd(fd: i32, events: i16, left: Duration) -> std::io::Result<bool> {
             return Err(e);
         }
         return Ok(rc > 0);
+    }
+}
+
+/// Empties the socket's error queue (IP_RECVERR), so that poll() stops reporting it.
+fn drain_error_queue(fd: i32) {
+    let mut buf = [0u8; 512];
+    let mut ctl = [0u8; 512];
+    loop {
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = ctl.as_mut_ptr().cast();
+        msg.msg_controllen = ctl.len();
+        if unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT) } < 0 {
+            return;
+        }
     }
 }
 
@@ -282,27 +313,41 @@ fn tcp_attempt(dst: SocketAddr, bind: Option<SocketAddr>, timeout: Duration) -> 
     if let Err(e) = connect(raw, &dst) {
         return attempt_from_err(&e, started, sock_name(raw, false));
     }
-    let left = timeout.saturating_sub(started.elapsed());
-    match wait_fd(raw, libc::POLLOUT, left) {
-        Ok(true) => {}
-        Ok(false) => {
-            return Attempt {
-                result: Outcome::Timeout,
-                source: sock_name(raw, false).map(|s| s.to_string()),
-                ..attempt_from_err(
-                    &std::io::Error::from_raw_os_error(libc::ETIMEDOUT),
-                    started,
-                    None,
-                )
-            };
+    // Until the handshake completes, an error (SO_ERROR also reports soft errors) or the
+    // deadline.
+    let peer = loop {
+        let left = timeout.saturating_sub(started.elapsed());
+        match wait_fd(raw, libc::POLLOUT, left) {
+            Ok(true) => {}
+            Ok(false) => {
+                return Attempt {
+                    result: Outcome::Timeout,
+                    source: sock_name(raw, false).map(|s| s.to_string()),
+                    ..attempt_from_err(
+                        &std::io::Error::from_raw_os_error(libc::ETIMEDOUT),
+                        started,
+                        None,
+                    )
+                };
+            }
+            Err(e) => return attempt_from_err(&e, started, None),
         }
-        Err(e) => return attempt_from_err(&e, started, None),
-    }
+        if let Err(e) = so_error(raw) {
+            return attempt_from_err(&e, started, sock_name(raw, false));
+        }
+        match sock_name(raw, true) {
+            Some(p) => break Some(p),
+            // Woken by a queued error that SO_ERROR already consumed: still connecting.
+            None => {
+                drain_error_queue(raw);
+                if started.elapsed() >= timeout {
+                    continue;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    };
     let source = sock_name(raw, false);
-    if let Err(e) = so_error(raw) {
-        return attempt_from_err(&e, started, source);
-    }
-    let peer = sock_name(raw, true);
     // Connected: read the server's one-line reply.
     let left = timeout.saturating_sub(started.elapsed());
     let mut line = String::new();

@@ -102,6 +102,18 @@ fn gateway_lines(dev: &str, families: &BTreeSet<Family>) -> Vec<String> {
     v
 }
 
+/// The fabric's own address in a node CIDR: its first host (`.1`, `::1`; not the IPv6
+/// subnet-router anycast address, which `hosts()` would yield first).
+pub fn fabric_address(c: &IpNet) -> Option<IpAddr> {
+    match c {
+        IpNet::V4(n) => n.hosts().next().map(IpAddr::V4),
+        IpNet::V6(n) => {
+            let a = u128::from(n.network()).checked_add(1)?;
+            Some(IpAddr::V6(a.into())).filter(|ip| c.contains(ip))
+        }
+    }
+}
+
 fn families_of(ips: &[IpAddr]) -> BTreeSet<Family> {
     ips.iter().map(Family::of).collect()
 }
@@ -415,7 +427,7 @@ impl Lab {
             .config
             .node_cidrs
             .iter()
-            .filter_map(|c| c.hosts().next())
+            .filter_map(fabric_address)
             .map(|ip| addr_add(&ip, "lo"))
             .collect();
         netns::ip_batch(&fabric, &lines)?;
