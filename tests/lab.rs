@@ -787,62 +787,71 @@ fn bad_input_fails_clearly_and_leaves_nothing_behind() {
     assert!(e.contains("already exists"), "{e}");
 }
 
-/// `up` killed at an arbitrary point (here: as soon as it has recorded its first
-/// namespace) and its state file lost: `down` still finds every namespace, cgroup, pin
-/// directory and process by the lab's names and removes them.
+/// `up` killed at several points (after its first namespace, after its first process,
+/// after most of its processes) and its state file lost: `down` still finds every
+/// namespace, cgroup, pin directory and process by the lab's names and removes them.
 #[test]
 fn down_cleans_up_after_a_crashed_up_even_without_its_state_file() {
     support::require_root();
-    let lab = TestLab::named();
-    std::fs::create_dir_all(&lab.input).unwrap();
-    std::fs::write(lab.input.join("in.yaml"), BALANCE).unwrap();
-    let mut child = Command::new(support::lab::weir())
-        .args([
-            "lab",
-            "up",
-            "--name",
-            &lab.name,
-            &lab.input.display().to_string(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let state_file = lab.state_dir().join("state.json");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let agents = std::fs::read_to_string(&state_file)
-            .ok()
-            .and_then(|s| serde_json::from_str::<Value>(&s).ok())
-            .map(|s| recorded_processes(&s).len())
-            .unwrap_or(0);
-        if agents > 0 {
-            break;
+    let namespaces = |s: &Value| s["namespaces"].as_array().map_or(0, |a| a.len());
+    let processes = |s: &Value| recorded_processes(s).len();
+    let kill_points: [(&str, &dyn Fn(&Value) -> bool); 3] = [
+        ("first namespace", &|s| namespaces(s) >= 1),
+        ("first process", &|s| processes(s) >= 1),
+        ("four processes", &|s| processes(s) >= 4),
+    ];
+    for (what, crash_when) in kill_points {
+        let lab = TestLab::named();
+        std::fs::create_dir_all(&lab.input).unwrap();
+        std::fs::write(lab.input.join("in.yaml"), BALANCE).unwrap();
+        let mut child = Command::new(support::lab::weir())
+            .args([
+                "lab",
+                "up",
+                "--name",
+                &lab.name,
+                &lab.input.display().to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let state_file = lab.state_dir().join("state.json");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let reached = std::fs::read_to_string(&state_file)
+                .ok()
+                .and_then(|s| serde_json::from_str::<Value>(&s).ok())
+                .is_some_and(|s| crash_when(&s));
+            if reached {
+                break;
+            }
+            assert!(Instant::now() < deadline, "up never reached: {what}");
+            std::thread::sleep(Duration::from_millis(2));
         }
-        assert!(Instant::now() < deadline, "up never recorded a process");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    // Crash: SIGKILL (by the PID of the child this test started), then lose the state.
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let procs = recorded_processes(
-        &serde_json::from_str(&std::fs::read_to_string(&state_file).unwrap()).unwrap(),
-    );
-    std::fs::remove_file(&state_file).unwrap();
-    assert!(!lab.leftovers().is_empty());
+        // Crash: SIGKILL (by the PID of the child this test started), then lose the
+        // state file.
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let procs = recorded_processes(
+            &serde_json::from_str(&std::fs::read_to_string(&state_file).unwrap()).unwrap(),
+        );
+        std::fs::remove_file(&state_file).unwrap();
+        assert!(!lab.leftovers().is_empty(), "{what}");
 
-    let st = lab_cmd(&["status", "--name", &lab.name]).unwrap();
-    assert!(st["labs"][0]["error"].is_string(), "{st}");
+        let st = lab_cmd(&["status", "--name", &lab.name]).unwrap();
+        assert!(st["labs"][0]["error"].is_string(), "{what}: {st}");
 
-    let d = lab_cmd(&["down", "--name", &lab.name]).unwrap();
-    assert_eq!(
-        d["labs"][0]["remaining"].as_array().unwrap().len(),
-        0,
-        "{d}"
-    );
-    assert_eq!(lab.leftovers(), Vec::<String>::new());
-    for p in &procs {
-        assert!(!p.alive(), "process {} survived down", p.pid);
+        let d = lab_cmd(&["down", "--name", &lab.name]).unwrap();
+        assert_eq!(
+            d["labs"][0]["remaining"].as_array().unwrap().len(),
+            0,
+            "{what}: {d}"
+        );
+        assert_eq!(lab.leftovers(), Vec::<String>::new(), "{what}");
+        for p in &procs {
+            assert!(!p.alive(), "{what}: process {} survived down", p.pid);
+        }
     }
 }
 

@@ -503,6 +503,19 @@ pub fn down(names: &Names) -> DownReport {
     }
     let rest: Vec<Proc> = rest.into_values().collect();
     stopped.extend(stop_all(&rest, Duration::from_secs(2)));
+    // A process a crashed `up` forked just before it died enters its namespace and
+    // cgroup between fork and exec: scan again until nothing new turns up.
+    for _ in 0..3 {
+        let late: Vec<Proc> = processes_in_namespaces(&ns_list)
+            .into_iter()
+            .chain(processes_in_cgroups(&cg_list))
+            .filter(Proc::alive)
+            .collect();
+        if late.is_empty() {
+            break;
+        }
+        stopped.extend(stop_all(&late, Duration::from_secs(2)));
+    }
     stopped.sort();
     stopped.dedup();
     report.processes = stopped;

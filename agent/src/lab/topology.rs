@@ -563,7 +563,9 @@ impl Lab {
         .map(|s| s.to_string())
         .collect();
         args.extend(self.state.agent_flags.iter().cloned());
-        let p = spawn_detached(&self.state.exe, &args, None, None, &n.log)?;
+        // Started inside the node namespace already (as well as told with --netns), so
+        // that from its first instruction it is found by the namespace scan of `down`.
+        let p = spawn_detached(&self.state.exe, &args, Some(&n.netns), None, &n.log)?;
         debug!(node, pid = p.pid, log = %n.log.display(), "agent started");
         self.state.nodes.get_mut(node).context("node")?.agent = Some(p);
         self.save()
