@@ -26,6 +26,12 @@ pub fn lab_cmd(args: &[&str]) -> Result<Value, String> {
         .output()
         .expect("running weir");
     if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !stderr.contains("unrecognized subcommand 'lab'"),
+            "{} has no `lab` subcommand: a build from another worktree sharing the target directory replaced it; rebuild and rerun",
+            weir()
+        );
         return Err(format!(
             "weir lab {} failed ({}):\n{}",
             args.join(" "),
@@ -177,8 +183,18 @@ impl TestLab {
 
 impl Drop for TestLab {
     fn drop(&mut self) {
-        if let Err(e) = lab_cmd(&["down", "--name", &self.name]) {
-            eprintln!("cleanup of lab {}: {e}", self.name);
+        // In-process (the same code as `weir lab down`): cleanup must not depend on the
+        // binary, which a build from another worktree sharing the target directory may
+        // have replaced meanwhile.
+        match weir::lab::cli::down(&self.name) {
+            Ok(r) if !r.remaining.is_empty() => {
+                eprintln!(
+                    "cleanup of lab {}: could not remove {:?}",
+                    self.name, r.remaining
+                )
+            }
+            Ok(_) => {}
+            Err(e) => eprintln!("cleanup of lab {}: {e:#}", self.name),
         }
         let _ = std::fs::remove_dir_all(&self.input);
     }
