@@ -795,7 +795,8 @@ fn down_cleans_up_after_a_crashed_up_even_without_its_state_file() {
     support::require_root();
     let namespaces = |s: &Value| s["namespaces"].as_array().map_or(0, |a| a.len());
     let processes = |s: &Value| recorded_processes(s).len();
-    let kill_points: [(&str, &dyn Fn(&Value) -> bool); 3] = [
+    type CrashWhen<'a> = &'a dyn Fn(&Value) -> bool;
+    let kill_points: [(&str, CrashWhen); 3] = [
         ("first namespace", &|s| namespaces(s) >= 1),
         ("first process", &|s| processes(s) >= 1),
         ("four processes", &|s| processes(s) >= 4),
