@@ -14,6 +14,8 @@
 //! - [`probe`]: one probe from inside a namespace and cgroup, as JSON.
 //! - [`serve`]: the identity server lab pods run.
 //! - [`demo`]: the walking-skeleton demo (one node, one ClusterIP, two backends).
+//! - [`lab`]: `weir lab`, a mini-cluster of network namespaces from Kubernetes YAML with
+//!   real servers, one agent per node, and probes (the end-to-end test bed).
 //! - [`logging`]: tracing setup (text or JSON).
 //! - [`testing`]: packet builder/parser and the BPF_PROG_TEST_RUN harness (tests, bench).
 //!
@@ -23,6 +25,7 @@
 pub mod agent;
 pub mod datapath;
 pub mod demo;
+pub mod lab;
 pub mod logging;
 pub mod netns;
 pub mod probe;

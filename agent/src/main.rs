@@ -37,6 +37,9 @@ enum Cmd {
         #[arg(long, default_value_t = 20)]
         connections: usize,
     },
+    /// A mini-cluster of network namespaces from Kubernetes YAML: real servers, one agent
+    /// per node, probes (JSON on stdout).
+    Lab(weir::lab::cli::LabArgs),
     /// Remove an instance's pinned maps and links.
     Cleanup {
         #[arg(long)]
@@ -236,6 +239,7 @@ fn real_main(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Lab(args) => weir::lab::cli::run(args),
         Cmd::Cleanup { pin_dir } => {
             if !pin_dir.starts_with("/sys/fs/bpf") {
                 bail!(

@@ -55,7 +55,10 @@ pub async fn serve(
                     };
                     let id = id.clone();
                     tokio::spawn(async move {
-                        let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                        let local = s
+                            .local_addr()
+                            .map(|a| canon(a).to_string())
+                            .unwrap_or_default();
                         let reply = Reply {
                             server: id,
                             client: canon(peer).to_string(),
