@@ -17,6 +17,7 @@
 //! - [`lb`]: Service load balancing: `SERVICES`, `BACKENDS`, `REV_NAT`, `AFFINITY`, `MAGLEV`.
 //! - [`ct`]: connection tracking (`CT`) and its flags, states and timeouts.
 //! - [`metrics`]: datapath counters (`METRICS`) and the reason codes.
+//! - [`policy`]: NetworkPolicy: `IPCACHE`, `ENDPOINTS`, `POLICY`, per-rule counters, drop events.
 //! - [`config`]: node-wide datapath settings (`CONFIG`) and node addresses (`NODE_ADDRS`).
 //! - [`maps`]: map names and default capacities, the one list both sides use.
 #![no_std]
@@ -27,6 +28,7 @@ pub mod ct;
 pub mod lb;
 pub mod maps;
 pub mod metrics;
+pub mod policy;
 
 pub use addr::Addr;
 

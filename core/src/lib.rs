@@ -27,6 +27,7 @@ pub mod maglev;
 pub mod model;
 pub mod pipeline;
 pub mod plan;
+pub mod policy;
 pub mod services;
 
 pub use weir_common as abi;
