@@ -21,6 +21,8 @@ pub struct MapImage {
     pub source_ranges: BTreeMap<Lpm<SourceRangeKey>, u32>,
     pub maglev: BTreeMap<MaglevKey, u32>,
     pub config: Option<NodeConfig>,
+    /// The NetworkPolicy maps (compiled as a whole, see `policy::compile`).
+    pub policy: crate::policy::PolicyImage,
 }
 
 impl MapImage {
@@ -49,6 +51,10 @@ impl MapImage {
             (NODE_ADDRS, self.node_addrs.len()),
             (SOURCE_RANGES, self.source_ranges.len()),
             (MAGLEV, self.maglev.len()),
+            (IPCACHE, self.policy.ipcache.len()),
+            (ENDPOINTS, self.policy.endpoints.len()),
+            (POLICY, self.policy.policy.len()),
+            (POLICY_RULES, self.policy.rules.len()),
         ])
     }
 }

@@ -3,6 +3,8 @@
 //! that the benchmarks can use it too; this module adds test-only conveniences.
 #![allow(dead_code, reason = "each test file uses a different subset")]
 
+pub mod policy;
+
 use std::net::IpAddr;
 
 use weir_core::{

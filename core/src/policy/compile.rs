@@ -284,6 +284,7 @@ impl PeerDef {
             PeerDef::Pods { ns, pod } => {
                 let ns = match ns {
                     NsMatch::Named(n) => format!("ns {n}"),
+                    NsMatch::Selector(s) if s.is_empty() => "any ns".to_string(),
                     NsMatch::Selector(s) => format!("ns [{}]", show_selector(s)),
                 };
                 match pod {

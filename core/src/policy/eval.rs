@@ -109,6 +109,20 @@ impl<'a> End<'a> {
     }
 }
 
+/// The end that uses address `ip`: the policy-endpoint pod holding it, else the bare
+/// address (what the datapath sees: it only knows addresses).
+pub fn end_for(c: &Cluster, ip: IpAddr) -> End<'_> {
+    let canon = ip.to_canonical();
+    match c
+        .pods
+        .values()
+        .find(|p| p.is_policy_endpoint() && p.ips.iter().any(|x| x.to_canonical() == canon))
+    {
+        Some(p) => End::Pod(p, ip),
+        None => End::Addr(ip),
+    }
+}
+
 /// The verdict of one direction's policy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Decision {

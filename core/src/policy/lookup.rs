@@ -8,7 +8,7 @@
 use weir_common::{Addr, metrics::REASON_POLICY_DENIED, policy::*};
 
 use super::{
-    eval::Direction,
+    eval::{Decision, Direction},
     image::{PolicyImage, lpm_get},
 };
 
@@ -17,6 +17,18 @@ pub trait PolicyMaps {
     fn endpoint(&self, a: &Addr) -> Option<EndpointValue>;
     fn ipcache(&self, a: &Addr) -> Option<IpcacheValue>;
     fn policy(&self, k: &PolicyKey) -> Option<PolicyValue>;
+}
+
+impl<T: PolicyMaps + ?Sized> PolicyMaps for &T {
+    fn endpoint(&self, a: &Addr) -> Option<EndpointValue> {
+        (**self).endpoint(a)
+    }
+    fn ipcache(&self, a: &Addr) -> Option<IpcacheValue> {
+        (**self).ipcache(a)
+    }
+    fn policy(&self, k: &PolicyKey) -> Option<PolicyValue> {
+        (**self).policy(k)
+    }
 }
 
 impl PolicyMaps for PolicyImage {
@@ -51,6 +63,29 @@ pub enum Outcome {
 impl Outcome {
     pub fn allows(self) -> bool {
         !matches!(self, Outcome::Denied { .. })
+    }
+}
+
+impl Outcome {
+    /// Whether this outcome of the node that holds the local pod is the evaluator's
+    /// `decision` (same verdict, same reason; rule ids are the maps' own business).
+    pub fn agrees_with(self, decision: Decision) -> bool {
+        use weir_common::metrics::REASON_POLICY_ISOLATED;
+        match (self, decision) {
+            (Outcome::NotIsolated, Decision::NotIsolated)
+            | (Outcome::SamePod, Decision::SamePod)
+            | (Outcome::LocalNode, Decision::LocalNode)
+            | (Outcome::Allowed { .. }, Decision::Allowed) => true,
+            (Outcome::Denied { reason, .. }, Decision::Denied { no_rules }) => {
+                reason
+                    == if no_rules {
+                        REASON_POLICY_ISOLATED
+                    } else {
+                        REASON_POLICY_DENIED
+                    }
+            }
+            _ => false,
+        }
     }
 }
 
