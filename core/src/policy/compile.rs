@@ -988,7 +988,9 @@ impl PolicyCompiler {
                 proto: 0,
                 port_be: 0,
             };
-            if !image.policy.contains_key(&(POLICY_PLEN_ANY_PROTO, key)) {
+            if let std::collections::btree_map::Entry::Vacant(slot) =
+                image.policy.entry((POLICY_PLEN_ANY_PROTO, key))
+            {
                 let rid =
                     rule_ids
                         .get_or_alloc(&deny)
@@ -996,19 +998,16 @@ impl PolicyCompiler {
                             policy: first.clone(),
                             max: self.options.max_rules,
                         })?;
-                image.policy.insert(
-                    (POLICY_PLEN_ANY_PROTO, key),
-                    PolicyValue {
-                        verdict: VERDICT_DENY,
-                        reason: if any_rules {
-                            REASON_POLICY_DENIED
-                        } else {
-                            REASON_POLICY_ISOLATED
-                        },
-                        pad: [0; 2],
-                        rule_id: rid,
+                slot.insert(PolicyValue {
+                    verdict: VERDICT_DENY,
+                    reason: if any_rules {
+                        REASON_POLICY_DENIED
+                    } else {
+                        REASON_POLICY_ISOLATED
                     },
-                );
+                    pad: [0; 2],
+                    rule_id: rid,
+                });
             }
             let named: Vec<String> = ks
                 .resolution
