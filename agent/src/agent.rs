@@ -92,6 +92,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
         ..cfg.node.clone()
     });
     pipeline.ids.seed_from(&current);
+    pipeline.policy.seed_from(&current.policy);
     info!(
         node = cfg.node_name,
         adopted_services = current.services.len(),
@@ -141,6 +142,12 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
             error!(
                 reason = e.error.to_string(),
                 "{e}; keeping what was programmed for it"
+            );
+        }
+        for e in pipeline.policy_errors() {
+            error!(
+                reason = e.metric_label(),
+                "{e}; keeping the NetworkPolicy maps as they were"
             );
         }
         let plan = plan::diff(&current, &desired);

@@ -18,6 +18,7 @@
 //! - [`ct`]: connection tracking (`CT`) and its flags, states and timeouts.
 //! - [`metrics`]: datapath counters (`METRICS`) and the reason codes.
 //! - [`sock`]: the reverse map of socket-level load balancing.
+//! - [`policy`]: NetworkPolicy: `IPCACHE`, `ENDPOINTS`, `POLICY`, per-rule counters, drop events.
 //! - [`config`]: node-wide datapath settings (`CONFIG`) and node addresses (`NODE_ADDRS`).
 //! - [`crc32c`]: incremental CRC32c for SCTP port translation.
 //! - [`maps`]: map names and default capacities, the one list both sides use.
@@ -34,6 +35,7 @@ pub mod lb;
 pub mod maps;
 pub mod metrics;
 pub mod sock;
+pub mod policy;
 
 pub use addr::Addr;
 

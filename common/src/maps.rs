@@ -18,6 +18,11 @@ pub const CRC32C_SHIFT: &str = "CRC32C_SHIFT";
 pub const CRC32C_SHIFT_ENTRIES: u32 = 65536;
 pub const SOCK_REV: &str = "SOCK_REV";
 pub const DEFAULT_SOCK_REV_MAX: u32 = 262144;
+pub const IPCACHE: &str = "IPCACHE";
+pub const ENDPOINTS: &str = "ENDPOINTS";
+pub const POLICY: &str = "POLICY";
+pub const POLICY_RULES: &str = "POLICY_RULES";
+pub const POLICY_COUNTERS: &str = "POLICY_COUNTERS";
 
 pub const DEFAULT_SERVICES_MAX: u32 = 65536;
 pub const DEFAULT_BACKENDS_MAX: u32 = 65536;
@@ -27,6 +32,16 @@ pub const DEFAULT_MAGLEV_MAX: u32 = 65536;
 pub const DEFAULT_CT_MAX: u32 = 262144;
 pub const DEFAULT_NODE_ADDRS_MAX: u32 = 64;
 pub const DEFAULT_SOURCE_RANGES_MAX: u32 = 16384;
+/// Pod addresses whose identity differs from their region's, plus ipBlock prefixes
+/// (LPM trie: memory is allocated per entry, not up front).
+pub const DEFAULT_IPCACHE_MAX: u32 = 131072;
+/// Addresses of this node's pods (a node runs ~110 pods, up to two addresses each).
+pub const DEFAULT_ENDPOINTS_MAX: u32 = 4096;
+/// Policy entries (LPM trie, allocated per entry). See docs/architecture.md for sizes.
+pub const DEFAULT_POLICY_MAX: u32 = 262144;
+/// Rule ids: `POLICY_RULES` entries and `POLICY_COUNTERS` slots (a per-CPU array, so its
+/// memory is this many 16-byte counters per CPU, allocated up front).
+pub const DEFAULT_POLICY_RULES_MAX: u32 = 16384;
 /// Default Maglev table size per frontend (prime; Cilium's default is 16381).
 pub const DEFAULT_MAGLEV_TABLE_SIZE: u32 = 1021;
 
@@ -44,4 +59,9 @@ pub const ALL: &[(&str, u32)] = &[
     (SOURCE_RANGES, DEFAULT_SOURCE_RANGES_MAX),
     (AFFINITY_SETS, DEFAULT_BACKENDS_MAX),
     (SOCK_REV, DEFAULT_SOCK_REV_MAX),
+    (IPCACHE, DEFAULT_IPCACHE_MAX),
+    (ENDPOINTS, DEFAULT_ENDPOINTS_MAX),
+    (POLICY, DEFAULT_POLICY_MAX),
+    (POLICY_RULES, DEFAULT_POLICY_RULES_MAX),
+    (POLICY_COUNTERS, DEFAULT_POLICY_RULES_MAX),
 ];

@@ -92,6 +92,10 @@ impl FakeDatapath {
                 self.image.node_addrs.contains_key(k),
                 self.image.node_addrs.len(),
             ),
+            Op::Policy(p) => match p.occupancy(&self.image.policy) {
+                Some(x) => x,
+                None => return Ok(()),
+            },
             _ => return Ok(()),
         };
         if !exists && len >= cap as usize {

@@ -22,6 +22,8 @@ pub struct MapImage {
     pub maglev: BTreeMap<MaglevKey, u32>,
     pub affinity_sets: BTreeMap<AffinitySetKey, u32>,
     pub config: Option<NodeConfig>,
+    /// The NetworkPolicy maps (compiled as a whole, see `policy::compile`).
+    pub policy: crate::policy::PolicyImage,
 }
 
 impl MapImage {
@@ -57,6 +59,10 @@ impl MapImage {
             (SOURCE_RANGES, self.source_ranges.len()),
             (MAGLEV, self.maglev.len()),
             (AFFINITY_SETS, self.affinity_sets.len()),
+            (IPCACHE, self.policy.ipcache.len()),
+            (ENDPOINTS, self.policy.endpoints.len()),
+            (POLICY, self.policy.policy.len()),
+            (POLICY_RULES, self.policy.rules.len()),
         ])
     }
 }

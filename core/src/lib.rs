@@ -16,6 +16,8 @@
 //! - [`image`]: [`image::MapImage`], the exact contents the maps should hold.
 //! - [`compile`]: desired state -> map image, with stable ids ([`compile::IdAllocator`]).
 //! - [`plan`]: diff two images into an ordered, make-before-break [`plan::Plan`].
+//! - [`policy`]: NetworkPolicy: the evaluator (specification), the compiler to the policy
+//!   maps (identities, policy keys, LPM entries), the model of the datapath's lookups.
 //! - [`pipeline`]: the per-node pipeline with a per-Service cache.
 //! - [`datapath`]: the [`datapath::Datapath`] trait every map write goes through, and the
 //!   fake implementations tests use.
@@ -27,6 +29,7 @@ pub mod maglev;
 pub mod model;
 pub mod pipeline;
 pub mod plan;
+pub mod policy;
 pub mod services;
 
 pub use weir_common as abi;

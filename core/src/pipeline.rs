@@ -3,6 +3,10 @@
 //! Work is split per Service (translate + compile depend only on one Service, its slices
 //! and this node), and [`Pipeline`] caches each Service's compiled image keyed by its
 //! inputs, so a sync after one EndpointSlice change recompiles one Service.
+//!
+//! NetworkPolicy is compiled as a whole per node (identities depend on every pod and
+//! policy), and only when its inputs (pods, namespaces, policies, this node) changed. A
+//! policy image that fails to compile is reported and the previous one kept.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -17,7 +21,8 @@ use weir_common::{
 use crate::{
     compile::{CompileError, CompileOptions, IdAllocator, compile_frontends},
     image::MapImage,
-    model::{Cluster, EndpointSlice, ObjRef, Service},
+    model::{Cluster, EndpointSlice, Namespace, NetworkPolicy, Node, ObjRef, Pod, Service},
+    policy::{PolicyCompiler, PolicyError},
     services::{NodeContext, translate_service},
 };
 
@@ -78,11 +83,22 @@ struct Cached {
     image: MapImage,
 }
 
+type PolicyInputs = (
+    BTreeMap<ObjRef, Pod>,
+    BTreeMap<String, Namespace>,
+    BTreeMap<ObjRef, NetworkPolicy>,
+    Option<Node>,
+);
+
 #[derive(Default)]
 pub struct Pipeline {
     pub settings: NodeSettings,
     pub ids: IdAllocator,
+    /// The NetworkPolicy compiler of this node (seed it from the pinned maps on restart).
+    pub policy: PolicyCompiler,
     cache: BTreeMap<ObjRef, Cached>,
+    policy_inputs: Option<PolicyInputs>,
+    policy_errors: Vec<PolicyError>,
 }
 
 impl Pipeline {
@@ -112,6 +128,32 @@ impl Pipeline {
             }
         }
         out
+    }
+
+    /// Errors of the last policy compilation (the previous policy image was kept).
+    pub fn policy_errors(&self) -> &[PolicyError] {
+        &self.policy_errors
+    }
+
+    /// The policy maps for `cluster` on this node: recompiled only when their inputs
+    /// changed; on error the previous image is kept and the error remembered.
+    fn policy_image(&mut self, cluster: &Cluster) -> crate::policy::PolicyImage {
+        let inputs = (
+            cluster.pods.clone(),
+            cluster.namespaces.clone(),
+            cluster.policies.clone(),
+            cluster.nodes.get(&self.settings.node_name).cloned(),
+        );
+        if self.policy_inputs.as_ref() != Some(&inputs) {
+            match self.policy.compile(cluster, &self.settings.node_name) {
+                Ok(_) => {
+                    self.policy_errors.clear();
+                    self.policy_inputs = Some(inputs);
+                }
+                Err(e) => self.policy_errors = vec![e],
+            }
+        }
+        self.policy.current().clone()
     }
 
     /// The desired image for `cluster`, and the Services that could not be compiled.
@@ -246,6 +288,8 @@ impl Pipeline {
             generation,
             host_netns_cookie: self.settings.host_netns_cookie,
         });
+
+        img.policy = self.policy_image(cluster);
 
         // Free the ids of backends and frontends nothing refers to any more.
         self.ids.retain(&img);

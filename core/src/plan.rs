@@ -13,6 +13,9 @@
 //!
 //! Node addresses and the node config are written first (a NodePort frontend is looked
 //! up only through a node address) and removed last.
+//!
+//! The NetworkPolicy maps are independent of the Service maps; their ops come last, in
+//! their own make-before-break order (`policy::plan`).
 
 use weir_common::{
     Addr,
@@ -20,7 +23,10 @@ use weir_common::{
     lb::{AffinitySetKey, Backend, MaglevKey, RevNat, ServiceKey, ServiceValue, SourceRangeKey},
 };
 
-use crate::image::{Lpm, MapImage};
+use crate::{
+    image::{Lpm, MapImage},
+    policy::plan::PolicyOp,
+};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
@@ -39,6 +45,8 @@ pub enum Op {
     DelRevNat(u32),
     DelBackend(u32),
     DelNodeAddr(Addr),
+    /// A NetworkPolicy map op.
+    Policy(PolicyOp),
 }
 
 impl Op {
@@ -54,10 +62,14 @@ impl Op {
             Op::PutSourceRange(..) | Op::DelSourceRange(_) => SOURCE_RANGES,
             Op::PutMaglev(..) | Op::DelMaglev(_) => MAGLEV,
             Op::PutAffinitySet(..) | Op::DelAffinitySet(_) => AFFINITY_SETS,
+            Op::Policy(p) => p.map_name(),
         }
     }
 
     pub fn is_put(&self) -> bool {
+        if let Op::Policy(p) = self {
+            return p.is_put();
+        }
         matches!(
             self,
             Op::PutConfig(_)
@@ -133,6 +145,7 @@ impl Plan {
                 Op::DelAffinitySet(k) => {
                     img.affinity_sets.remove(k);
                 }
+                Op::Policy(p) => p.apply_to(&mut img.policy),
             }
         }
     }
@@ -184,6 +197,11 @@ pub fn diff(old: &MapImage, new: &MapImage) -> Plan {
     ops.extend(dels(&old.rev_nat, &new.rev_nat).map(Op::DelRevNat));
     ops.extend(dels(&old.backends, &new.backends).map(Op::DelBackend));
     ops.extend(dels(&old.node_addrs, &new.node_addrs).map(Op::DelNodeAddr));
+    ops.extend(
+        crate::policy::plan::diff(&old.policy, &new.policy)
+            .into_iter()
+            .map(Op::Policy),
+    );
     Plan { ops }
 }
 

@@ -17,6 +17,7 @@ use weir_common::{
     maps::*,
     metrics::{Counter, REASON_MAX},
     sock::{SockRevKey, SockRevValue},
+    policy::{EndpointValue, IpcacheValue, PolicyKey, PolicyValue, RuleInfo},
 };
 
 use crate::parse::Pkt;
@@ -91,3 +92,16 @@ pub static CRC32C_SHIFT: Array<u32> = Array::with_max_entries(CRC32C_SHIFT_ENTRI
 #[map]
 pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u32> =
     LpmTrie::pinned(DEFAULT_SOURCE_RANGES_MAX, 0);
+
+// NetworkPolicy (weir_common::policy documents the lookups the datapath does on these).
+#[map]
+pub static IPCACHE: LpmTrie<Addr, IpcacheValue> = LpmTrie::pinned(DEFAULT_IPCACHE_MAX, 0);
+#[map]
+pub static ENDPOINTS: HashMap<Addr, EndpointValue> = HashMap::pinned(DEFAULT_ENDPOINTS_MAX, 0);
+#[map]
+pub static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(DEFAULT_POLICY_MAX, 0);
+/// Userspace metadata of rule ids (the CLI names policies from it); never read here.
+#[map]
+pub static POLICY_RULES: HashMap<u32, RuleInfo> = HashMap::pinned(DEFAULT_POLICY_RULES_MAX, 0);
+#[map]
+pub static POLICY_COUNTERS: PerCpuArray<Counter> = PerCpuArray::pinned(DEFAULT_POLICY_RULES_MAX, 0);

@@ -4,6 +4,7 @@
 #![allow(dead_code, reason = "each test file uses a different subset")]
 
 pub mod lab;
+pub mod policy;
 
 use std::net::IpAddr;
 

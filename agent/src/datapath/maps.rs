@@ -18,11 +18,13 @@ use weir_common::{
     lb::{AffinitySetKey, Backend, MaglevKey, RevNat, ServiceKey, ServiceValue, SourceRangeKey},
     maps as names,
     metrics::Counter,
+    policy::{EndpointValue, IpcacheValue, PolicyKey, PolicyValue, RuleInfo},
 };
 use weir_core::{
     datapath::{ApplyError, ApplyOutcome, Datapath},
     image::MapImage,
     plan::{Op, Plan},
+    policy::plan::PolicyOp,
 };
 
 /// (key size, value size) of each map, for the pin compatibility check.
@@ -44,6 +46,11 @@ pub fn expected_layout(name: &str) -> Option<(u32, u32)> {
         names::NODE_ADDRS => s(size_of::<Addr>(), size_of::<NodeAddrValue>()),
         names::SOURCE_RANGES => s(4 + size_of::<SourceRangeKey>(), 4),
         names::AFFINITY_SETS => s(size_of::<AffinitySetKey>(), 4),
+        names::IPCACHE => s(4 + size_of::<Addr>(), size_of::<IpcacheValue>()),
+        names::ENDPOINTS => s(size_of::<Addr>(), size_of::<EndpointValue>()),
+        names::POLICY => s(4 + size_of::<PolicyKey>(), size_of::<PolicyValue>()),
+        names::POLICY_RULES => s(4, size_of::<RuleInfo>()),
+        names::POLICY_COUNTERS => s(4, size_of::<Counter>()),
         _ => None,
     }
 }
@@ -58,7 +65,18 @@ pub struct AyaDatapath {
     maglev: HashMap<MapData, MaglevKey, u32>,
     affinity_sets: HashMap<MapData, AffinitySetKey, u32>,
     config: Array<MapData, NodeConfig>,
+    ipcache: LpmTrie<MapData, Addr, IpcacheValue>,
+    endpoints: HashMap<MapData, Addr, EndpointValue>,
+    policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
+    policy_rules: HashMap<MapData, u32, RuleInfo>,
+    policy_counters: PerCpuArray<MapData, Counter>,
+    /// Possible CPUs (length of a per-CPU value).
+    ncpus: usize,
     capacities: BTreeMap<&'static str, u32>,
+}
+
+fn ncpus() -> Result<usize> {
+    aya::util::nr_cpus().map_err(|(what, e)| anyhow!("reading {what}: {e}"))
 }
 
 fn take(ebpf: &mut Ebpf, name: &str) -> Result<Map> {
@@ -89,6 +107,12 @@ impl AyaDatapath {
             maglev: take(ebpf, names::MAGLEV)?.try_into()?,
             affinity_sets: take(ebpf, names::AFFINITY_SETS)?.try_into()?,
             config: take(ebpf, names::CONFIG)?.try_into()?,
+            ipcache: take(ebpf, names::IPCACHE)?.try_into()?,
+            endpoints: take(ebpf, names::ENDPOINTS)?.try_into()?,
+            policy: take(ebpf, names::POLICY)?.try_into()?,
+            policy_rules: take(ebpf, names::POLICY_RULES)?.try_into()?,
+            policy_counters: take(ebpf, names::POLICY_COUNTERS)?.try_into()?,
+            ncpus: ncpus()?,
             capacities,
         })
     }
@@ -112,8 +136,74 @@ impl AyaDatapath {
             maglev: open_pinned(pin_dir, names::MAGLEV)?.try_into()?,
             affinity_sets: open_pinned(pin_dir, names::AFFINITY_SETS)?.try_into()?,
             config: open_pinned(pin_dir, names::CONFIG)?.try_into()?,
+            ipcache: open_pinned(pin_dir, names::IPCACHE)?.try_into()?,
+            endpoints: open_pinned(pin_dir, names::ENDPOINTS)?.try_into()?,
+            policy: open_pinned(pin_dir, names::POLICY)?.try_into()?,
+            policy_rules: open_pinned(pin_dir, names::POLICY_RULES)?.try_into()?,
+            policy_counters: open_pinned(pin_dir, names::POLICY_COUNTERS)?.try_into()?,
+            ncpus: ncpus()?,
             capacities,
         })
+    }
+
+    /// Longest-prefix lookup in `IPCACHE` (the kernel does the matching).
+    pub fn ipcache_lookup(&self, a: &Addr) -> Result<Option<IpcacheValue>, MapError> {
+        ignore_absent(self.ipcache.get(&LpmKey::new(128, *a), 0))
+    }
+
+    /// Exact lookup in `ENDPOINTS`.
+    pub fn endpoint_lookup(&self, a: &Addr) -> Result<Option<EndpointValue>, MapError> {
+        ignore_absent(self.endpoints.get(a, 0))
+    }
+
+    /// Longest-prefix lookup in `POLICY` with a full-length key (the kernel does the
+    /// matching, exactly as the datapath's lookup will).
+    pub fn policy_lookup(&self, k: &PolicyKey) -> Result<Option<PolicyValue>, MapError> {
+        ignore_absent(
+            self.policy
+                .get(&LpmKey::new(weir_common::policy::POLICY_PLEN_FULL, *k), 0),
+        )
+    }
+
+    /// Per-rule counters, summed over CPUs (rule ids with traffic only).
+    pub fn policy_counters(&self) -> Result<BTreeMap<u32, Counter>, MapError> {
+        let mut out = BTreeMap::new();
+        for i in 0..self.policy_counters.len() {
+            let mut sum = Counter::default();
+            for v in self.policy_counters.get(&i, 0)?.iter() {
+                sum.packets += v.packets;
+                sum.bytes += v.bytes;
+            }
+            if sum.packets != 0 {
+                out.insert(i, sum);
+            }
+        }
+        Ok(out)
+    }
+
+    fn write_policy(&mut self, op: &PolicyOp) -> Result<(), MapError> {
+        match op {
+            PolicyOp::PutRule(id, info) => {
+                // A rule id that is (re)assigned starts counting from zero.
+                let zeros =
+                    aya::maps::PerCpuValues::try_from(vec![Counter::default(); self.ncpus])?;
+                self.policy_counters.set(*id, zeros, 0)?;
+                self.policy_rules.insert(id, **info, 0)
+            }
+            PolicyOp::DelRule(id) => ignore_missing(self.policy_rules.remove(id)),
+            PolicyOp::PutPolicy((plen, k), v) => self.policy.insert(&LpmKey::new(*plen, *k), v, 0),
+            PolicyOp::DelPolicy((plen, k)) => {
+                ignore_missing(self.policy.remove(&LpmKey::new(*plen, *k)))
+            }
+            PolicyOp::PutIpcache((plen, k), v) => {
+                self.ipcache.insert(&LpmKey::new(*plen, *k), v, 0)
+            }
+            PolicyOp::DelIpcache((plen, k)) => {
+                ignore_missing(self.ipcache.remove(&LpmKey::new(*plen, *k)))
+            }
+            PolicyOp::PutEndpoint(k, v) => self.endpoints.insert(k, v, 0),
+            PolicyOp::DelEndpoint(k) => ignore_missing(self.endpoints.remove(k)),
+        }
     }
 
     /// The node config as the datapath holds it.
@@ -142,6 +232,7 @@ impl AyaDatapath {
             Op::DelMaglev(k) => ignore_missing(self.maglev.remove(k)),
             Op::PutAffinitySet(k, v) => self.affinity_sets.insert(k, v, 0),
             Op::DelAffinitySet(k) => ignore_missing(self.affinity_sets.remove(k)),
+            Op::Policy(p) => self.write_policy(p),
         }
     }
 }
@@ -156,6 +247,18 @@ fn map_info(m: &Map) -> Result<u32> {
         _ => return Err(anyhow!("unexpected map type")),
     };
     Ok(fd.info()?.max_entries())
+}
+
+/// A lookup miss is `None`, not an error.
+fn ignore_absent<V>(r: Result<V, MapError>) -> Result<Option<V>, MapError> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Deleting a key that is already gone is success (plans are idempotent).
@@ -231,6 +334,22 @@ impl Datapath for AyaDatapath {
         for r in self.affinity_sets.iter() {
             let (k, v) = r.map_err(e)?;
             img.affinity_sets.insert(k, v);
+        }
+        for r in self.ipcache.iter() {
+            let (k, v) = r.map_err(e)?;
+            img.policy.ipcache.insert((k.prefix_len(), k.data()), v);
+        }
+        for r in self.endpoints.iter() {
+            let (k, v) = r.map_err(e)?;
+            img.policy.endpoints.insert(k, v);
+        }
+        for r in self.policy.iter() {
+            let (k, v) = r.map_err(e)?;
+            img.policy.policy.insert((k.prefix_len(), k.data()), v);
+        }
+        for r in self.policy_rules.iter() {
+            let (k, v) = r.map_err(e)?;
+            img.policy.rules.insert(k, v);
         }
         let c = self.config.get(&0, 0).map_err(e)?;
 

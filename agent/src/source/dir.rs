@@ -138,7 +138,24 @@ pub fn to_cluster(objs: &[Object]) -> (Cluster, Vec<SourceError>) {
                 }
                 Err(e) => err(e),
             },
-            Object::Pod(_) | Object::Namespace(_) | Object::NetworkPolicy(_) => {}
+            Object::Pod(p) => match convert::pod(p) {
+                Ok(p) => {
+                    c.pods.insert(p.id.clone(), p);
+                }
+                Err(e) => err(e),
+            },
+            Object::Namespace(n) => match convert::namespace(n) {
+                Ok(n) => {
+                    c.namespaces.insert(n.name.clone(), n);
+                }
+                Err(e) => err(e),
+            },
+            Object::NetworkPolicy(n) => match convert::network_policy(n) {
+                Ok(n) => {
+                    c.policies.insert(n.id.clone(), n);
+                }
+                Err(e) => err(e),
+            },
         }
     }
     (c, errs)

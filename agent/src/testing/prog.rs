@@ -61,11 +61,18 @@ impl ProgHarness {
 
     pub fn with_capacities(capacities: BTreeMap<String, u32>) -> Result<ProgHarness> {
         let pin_dir = PathBuf::from("/sys/fs/bpf/weir-test").join(netns::unique_prefix('t'));
-        let mut dataplane = Dataplane::load(&LoadOptions {
+        let loaded = Dataplane::load(&LoadOptions {
             pin_dir: pin_dir.clone(),
             capacities,
-        })
-        .context("loading the datapath for BPF_PROG_TEST_RUN")?;
+        });
+        let mut dataplane = match loaded {
+            Ok(d) => d,
+            Err(e) => {
+                // Nothing owns the pins yet: remove what the failed load created.
+                let _ = crate::datapath::PinDir::new(&pin_dir).remove_all();
+                return Err(e.context("loading the datapath for BPF_PROG_TEST_RUN"));
+            }
+        };
         let dp = dataplane.datapath()?;
         Ok(ProgHarness {
             dataplane,
