@@ -34,6 +34,10 @@ impl MapImage {
             .extend(other.rev_nat.iter().map(|(k, v)| (*k, *v)));
         self.node_addrs
             .extend(other.node_addrs.iter().map(|(k, v)| (*k, *v)));
+        self.source_ranges
+            .extend(other.source_ranges.iter().map(|(k, v)| (*k, *v)));
+        self.maglev
+            .extend(other.maglev.iter().map(|(k, v)| (*k, *v)));
         if other.config.is_some() {
             self.config = other.config;
         }
