@@ -1,33 +1,48 @@
 //! The node agent: load the datapath, attach it to interfaces as they appear, and keep
 //! the maps equal to what the cluster objects say.
 //!
-//! The loop polls its source and the interface list (every `poll`), debounces bursts
-//! (`debounce`), and on every change computes the desired image (per-Service cached,
-//! see `weir_core::pipeline`), diffs it against what the maps hold and applies the
-//! plan. On start it adopts the pinned maps: the ids they hold seed the allocator, and
-//! the first diff only writes what changed, so a restart flushes nothing.
+//! ```text
+//!  DirSource thread ─┐                      ┌─ debounce ─> Syncer::sync ─> Datapath::apply
+//!  kube watchers  ───┴─> mpsc<SourceEvent> ─> Store (model objects, ChangeSet, readiness)
+//! ```
+//!
+//! [`run`] wires the real datapath and the sources; [`run_loop`] is the loop itself,
+//! generic over the [`Datapath`] so that tests drive it with the fake one. The loop
+//! applies every event to the [`Store`] as it arrives and syncs once the sources have
+//! been quiet for `debounce` (or `max_delay` after the first unsynced change, so a
+//! steady stream of changes cannot starve the maps). Each sync costs what its changes
+//! cost (`weir_core::sync`). Deletions wait until every source has delivered its initial
+//! list; a restarted agent adopts the pinned maps (ids included), so an unchanged cluster
+//! writes nothing and established connections keep their backends.
 
 use std::{
-    collections::BTreeMap,
     path::PathBuf,
-    time::{Duration, Instant},
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result};
+use tokio::{sync::mpsc, time::Instant};
 use tracing::{debug, error, info, warn};
 use weir_core::{
     datapath::Datapath,
     image::MapImage,
-    model::Cluster,
-    pipeline::{NodeSettings, Pipeline},
-    plan,
+    pipeline::NodeSettings,
+    sync::{SyncInput, SyncReport, Syncer},
 };
 
 use crate::{
     datapath::{Dataplane, Hook, LoadOptions},
     netns,
-    source::dir::{self, DirSource},
+    source::{
+        Kind, SourceEvent, SourceId,
+        dir::DirSource,
+        kube::{self as kubesrc, KubeCounters, KubeOptions, WatchOptions},
+        store::Store,
+    },
 };
+
+pub use crate::source::dir::GENERATION_FILE;
 
 /// What to do with the pinned maps and links when the agent exits on a signal.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
@@ -43,26 +58,290 @@ pub enum OnExit {
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     pub node_name: String,
-    pub source_dir: PathBuf,
+    /// Directory source, if any.
+    pub source_dir: Option<PathBuf>,
+    /// Kubernetes source, if configured.
+    pub kube: KubeOptions,
+    pub watch: WatchOptions,
     pub pin_dir: PathBuf,
     pub pod_ifaces: Vec<String>,
     pub uplinks: Vec<String>,
     pub on_exit: OnExit,
-    pub capacities: BTreeMap<String, u32>,
+    pub capacities: std::collections::BTreeMap<String, u32>,
+    /// Directory poll and interface scan interval.
     pub poll: Duration,
-    pub debounce: Duration,
-    pub settings_flags: u32,
+    pub sync: LoopConfig,
 }
 
-/// Name of the file in a directory source whose number the agent reports as the input
-/// generation it has programmed (CONFIG.generation), so that `weir lab` can wait for it.
-pub const GENERATION_FILE: &str = ".weir-generation";
+/// Timing and settings of the sync loop.
+#[derive(Clone, Debug)]
+pub struct LoopConfig {
+    pub settings: NodeSettings,
+    /// Quiet time after a change before syncing (batches bursts).
+    pub debounce: Duration,
+    /// Longest time a change waits for a sync while changes keep arriving.
+    pub max_delay: Duration,
+    /// Delay before retrying a sync that failed or left Services waiting for room.
+    pub retry: Duration,
+    /// Interval of the housekeeping hook (interface scan).
+    pub housekeeping: Duration,
+}
 
-fn read_generation(dir: &std::path::Path) -> u64 {
-    std::fs::read_to_string(dir.join(GENERATION_FILE))
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0)
+impl Default for LoopConfig {
+    fn default() -> Self {
+        Self {
+            settings: NodeSettings::default(),
+            debounce: Duration::from_millis(100),
+            max_delay: Duration::from_secs(1),
+            retry: Duration::from_secs(1),
+            housekeeping: Duration::from_millis(200),
+        }
+    }
+}
+
+/// What the loop calls besides syncing.
+pub trait Hooks {
+    /// Every `housekeeping` interval (the agent scans interfaces to attach to).
+    fn housekeeping(&mut self) {}
+    /// After every sync.
+    fn synced(&mut self, _syncer: &Syncer, _report: &SyncReport) {}
+}
+
+/// No hooks.
+pub struct NoHooks;
+impl Hooks for NoHooks {}
+
+/// Logs one sync's outcome: every refused or broken object by name, at warn/error.
+fn log_report(r: &SyncReport, changed: usize, generation: u64, elapsed: Duration, store: &Store) {
+    for e in &r.errors {
+        error!(
+            reason = e.error.to_string(),
+            "{e}; keeping what was programmed for it"
+        );
+    }
+    for x in &r.refused {
+        warn!(
+            service = %x.service,
+            map = x.map,
+            capacity = x.capacity,
+            reason = x.metric_label(),
+            "{x}"
+        );
+    }
+    for s in &r.admitted {
+        info!(service = %s, "Service programmed now that its map has room");
+    }
+    if let Some(e) = &r.apply_error {
+        error!(
+            reason = e.metric_label(),
+            "{e}; {} of {} ops applied, retrying the rest", r.ops, r.planned
+        );
+    }
+    if r.deferred > 0 {
+        info!(
+            deferred = r.deferred,
+            waiting_for = store.waiting_for().join(","),
+            "deletions deferred until every source has delivered its initial list"
+        );
+    }
+    let msg = "programmed";
+    if r.ops > 0 || r.full {
+        info!(
+            ops = r.ops,
+            changed,
+            translated = r.translations,
+            touched = r.touched,
+            generation,
+            elapsed_us = elapsed.as_micros() as u64,
+            "{msg}"
+        );
+    } else {
+        debug!(
+            ops = r.ops,
+            changed,
+            translated = r.translations,
+            generation,
+            elapsed_us = elapsed.as_micros() as u64,
+            "{msg}"
+        );
+    }
+}
+
+/// The sync loop: applies source events to `store` and syncs `dp` after each debounced
+/// burst, until `shutdown` resolves. `adopted` is what the maps held at start. Returns
+/// the syncer (tests inspect it).
+pub async fn run_loop<D: Datapath + ?Sized>(
+    cfg: LoopConfig,
+    mut store: Store,
+    mut rx: mpsc::Receiver<SourceEvent>,
+    dp: &mut D,
+    adopted: MapImage,
+    hooks: &mut dyn Hooks,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Syncer {
+    let mut syncer = Syncer::new(cfg.settings.clone(), adopted, dp.capacities());
+    let mut first_change: Option<Instant> = None;
+    let mut last_change: Option<Instant> = None;
+    let mut retry_at: Option<Instant> = None;
+    let mut housekeeping = tokio::time::interval(cfg.housekeeping);
+    housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut rx_open = true;
+    tokio::pin!(shutdown);
+    loop {
+        let deadline = match (first_change, last_change) {
+            (Some(f), Some(l)) => Some((l + cfg.debounce).min(f + cfg.max_delay)),
+            _ => retry_at,
+        };
+        tokio::select! {
+            biased;
+            _ = &mut shutdown => break,
+            ev = rx.recv(), if rx_open => {
+                let Some(ev) = ev else {
+                    rx_open = false;
+                    continue;
+                };
+                store.apply(ev);
+                // Drain what is queued: one wake-up per burst, not per event.
+                while let Ok(ev) = rx.try_recv() {
+                    store.apply(ev);
+                }
+                if store.dirty() {
+                    let now = Instant::now();
+                    first_change.get_or_insert(now);
+                    last_change = Some(now);
+                }
+            }
+            _ = async { tokio::time::sleep_until(deadline.unwrap()).await }, if deadline.is_some() => {
+                first_change = None;
+                last_change = None;
+                retry_at = None;
+                let changes = store.take_changes();
+                let started = std::time::Instant::now();
+                let generation = store.generation();
+                let r = syncer.sync(
+                    SyncInput {
+                        cluster: store.cluster(),
+                        changes: &changes,
+                        sources_synced: store.synced(),
+                        generation,
+                    },
+                    dp,
+                );
+                log_report(&r, changes.len(), generation, started.elapsed(), &store);
+                if r.retry {
+                    retry_at = Some(Instant::now() + cfg.retry);
+                }
+                hooks.synced(&syncer, &r);
+            }
+            _ = housekeeping.tick() => hooks.housekeeping(),
+        }
+    }
+    syncer
+}
+
+/// Starts the configured sources; their events go to `tx`.
+pub async fn start_sources(
+    cfg: &AgentConfig,
+    store: &mut Store,
+    tx: mpsc::Sender<SourceEvent>,
+) -> Result<Sources> {
+    let mut sources = Sources::default();
+    if let Some(dir) = &cfg.source_dir {
+        let id = store.register("dir", &Kind::ALL);
+        sources.threads.push(spawn_dir_source(
+            DirSource::new(dir),
+            id,
+            tx.clone(),
+            cfg.poll,
+        )?);
+    }
+    if cfg.kube.configured() {
+        let client = kubesrc::client(&cfg.kube).await?;
+        let id = store.register("kube", &Kind::ALL);
+        sources.tasks.extend(kubesrc::spawn(
+            client,
+            id,
+            tx,
+            cfg.watch.clone(),
+            sources.kube.clone(),
+        ));
+    }
+    if sources.threads.is_empty() && sources.tasks.is_empty() {
+        anyhow::bail!(
+            "no source of cluster objects: give --source-dir, --kubeconfig, --api-server or --in-cluster"
+        );
+    }
+    Ok(sources)
+}
+
+/// Handles of running sources.
+#[derive(Default)]
+pub struct Sources {
+    pub threads: Vec<std::thread::JoinHandle<()>>,
+    pub tasks: Vec<tokio::task::JoinHandle<()>>,
+    pub kube: Arc<KubeCounters>,
+}
+
+impl Drop for Sources {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Polls a directory source on its own thread (file reads block) and sends its events,
+/// until the receiver goes away.
+pub fn spawn_dir_source(
+    mut src: DirSource,
+    id: SourceId,
+    tx: mpsc::Sender<SourceEvent>,
+    poll: Duration,
+) -> Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("weir-dir-source".into())
+        .spawn(move || {
+            let mut failing = false;
+            while !tx.is_closed() {
+                match src.poll() {
+                    Ok(p) => {
+                        failing = false;
+                        for e in &p.errors {
+                            warn!(reason = e.reason, "{}", e.message);
+                        }
+                        for event in p.events {
+                            if tx.blocking_send(SourceEvent { source: id, event }).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        if !failing {
+                            warn!(
+                                "reading {}: {e}; keeping what was read before",
+                                src.root().display()
+                            );
+                        }
+                        failing = true;
+                    }
+                }
+                std::thread::sleep(poll);
+            }
+        })
+        .context("starting the directory source thread")
+}
+
+/// The housekeeping of the real agent: attach to new interfaces, forget vanished ones.
+struct AttachHooks<'a> {
+    dataplane: &'a mut Dataplane,
+    pod_ifaces: &'a [String],
+    uplinks: &'a [String],
+}
+
+impl Hooks for AttachHooks<'_> {
+    fn housekeeping(&mut self) {
+        attach_interfaces(self.dataplane, self.pod_ifaces, self.uplinks);
+    }
 }
 
 pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
@@ -71,93 +350,41 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
         capacities: cfg.capacities.clone(),
     })?;
     let mut dp = dataplane.datapath()?;
-    let mut current: MapImage = dp
+    let adopted: MapImage = dp
         .read_image()
         .map_err(|e| anyhow::anyhow!("reading pinned maps: {e}"))?;
-    let mut pipeline = Pipeline::new(NodeSettings {
-        node_name: cfg.node_name.clone(),
-        flags: cfg.settings_flags,
-        ..Default::default()
-    });
-    pipeline.ids.seed_from(&current);
     info!(
         node = cfg.node_name,
-        adopted_services = current.services.len(),
-        adopted_backends = current.backends.len(),
+        adopted_services = adopted.services.len(),
+        adopted_backends = adopted.backends.len(),
         "agent started"
     );
-
-    let mut source = DirSource::new(&cfg.source_dir);
-    let mut cluster: Option<Cluster> = None;
-    let mut dirty_since: Option<Instant> = None;
-    let mut generation = 0u64;
-    tokio::pin!(shutdown);
-    let mut tick = tokio::time::interval(cfg.poll);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            _ = tick.tick() => {}
-        }
-        attach_interfaces(&mut dataplane, &cfg);
-
-        match source.poll() {
-            Ok(Some((objs, errs))) => {
-                for e in &errs {
-                    warn!(reason = e.reason, "{}", e.message);
-                }
-                let (c, errs) = dir::to_cluster(&objs);
-                for e in &errs {
-                    warn!(reason = e.reason, "{}", e.message);
-                }
-                cluster = Some(c);
-                generation = read_generation(source.root());
-                dirty_since.get_or_insert_with(Instant::now);
-            }
-            Ok(None) => {}
-            Err(e) => warn!("reading {}: {e}", cfg.source_dir.display()),
-        }
-        // Debounce: wait until the source has been quiet for `debounce`.
-        let Some(since) = dirty_since else { continue };
-        if since.elapsed() < cfg.debounce {
-            continue;
-        }
-        let Some(c) = &cluster else { continue };
-        dirty_since = None;
-        let started = Instant::now();
-        let (desired, errors) = pipeline.desired(c, generation);
-        for e in &errors {
-            error!(
-                reason = e.error.to_string(),
-                "{e}; keeping what was programmed for it"
-            );
-        }
-        let plan = plan::diff(&current, &desired);
-        let n = plan.len();
-        let outcome = dp.apply(&plan);
-        match outcome.error {
-            None => {
-                current = desired;
-                info!(
-                    ops = n,
-                    generation,
-                    elapsed_us = started.elapsed().as_micros() as u64,
-                    "programmed"
-                );
-            }
-            Some(e) => {
-                error!(
-                    reason = e.metric_label(),
-                    "{e}; {} of {n} ops applied", outcome.applied
-                );
-                // What the maps hold now: the ops before the failure.
-                plan::Plan {
-                    ops: plan.ops[..outcome.applied].to_vec(),
-                }
-                .apply_to(&mut current);
-                dirty_since = Some(Instant::now());
-            }
-        }
-    }
+    let (tx, rx) = mpsc::channel(4096);
+    let mut store = Store::new();
+    let sources = start_sources(&cfg, &mut store, tx).await?;
+    attach_interfaces(&mut dataplane, &cfg.pod_ifaces, &cfg.uplinks);
+    let mut hooks = AttachHooks {
+        dataplane: &mut dataplane,
+        pod_ifaces: &cfg.pod_ifaces,
+        uplinks: &cfg.uplinks,
+    };
+    let syncer = run_loop(
+        cfg.sync.clone(),
+        store,
+        rx,
+        &mut dp,
+        adopted,
+        &mut hooks,
+        shutdown,
+    )
+    .await;
+    info!(
+        syncs = syncer.counters.syncs,
+        ops = syncer.counters.ops_applied,
+        watch_errors = sources.kube.errors.load(Ordering::Relaxed),
+        "stopping"
+    );
+    drop(sources);
 
     match cfg.on_exit {
         OnExit::Keep => info!(pin_dir = %cfg.pin_dir.display(), "exiting; datapath stays pinned"),
@@ -169,11 +396,11 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
     Ok(())
 }
 
-fn attach_interfaces(dataplane: &mut Dataplane, cfg: &AgentConfig) {
+fn attach_interfaces(dataplane: &mut Dataplane, pod_ifaces: &[String], uplinks: &[String]) {
     let ifaces = netns::interfaces();
     for name in &ifaces {
-        let pod = cfg.pod_ifaces.iter().any(|p| netns::glob_match(p, name));
-        let uplink = cfg.uplinks.iter().any(|p| netns::glob_match(p, name));
+        let pod = pod_ifaces.iter().any(|p| netns::glob_match(p, name));
+        let uplink = uplinks.iter().any(|p| netns::glob_match(p, name));
         let hooks: &[Hook] = if pod {
             &[Hook::FromPod, Hook::ToPod]
         } else if uplink {
