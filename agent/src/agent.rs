@@ -170,13 +170,13 @@ fn log_report(r: &SyncReport, changed: usize, generation: u64, elapsed: Duration
 /// The sync loop: applies source events to `store` and syncs `dp` after each debounced
 /// burst, until `shutdown` resolves. `adopted` is what the maps held at start. Returns
 /// the syncer (tests inspect it).
-pub async fn run_loop<D: Datapath + ?Sized>(
+pub async fn run_loop<D: Datapath + ?Sized, H: Hooks + ?Sized>(
     cfg: LoopConfig,
     mut store: Store,
     mut rx: mpsc::Receiver<SourceEvent>,
     dp: &mut D,
     adopted: MapImage,
-    hooks: &mut dyn Hooks,
+    hooks: &mut H,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Syncer {
     let mut syncer = Syncer::new(cfg.settings.clone(), adopted, dp.capacities());
