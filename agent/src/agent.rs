@@ -417,3 +417,175 @@ fn attach_interfaces(dataplane: &mut Dataplane, pod_ifaces: &[String], uplinks: 
     }
     dataplane.prune_links();
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use weir_core::{datapath::FakeDatapath, pipeline::ChangeSet};
+
+    use super::*;
+    use crate::{
+        source::{Event, Object, yaml},
+        testing::shared::SharedFake,
+    };
+
+    fn svc(name: &str, i: u32) -> Object {
+        let y = format!(
+            "kind: Service\nmetadata: {{name: {name}, namespace: t}}\nspec: {{clusterIP: 10.96.{}.{}, ports: [{{port: 80}}]}}\n",
+            i / 200,
+            i % 200 + 1
+        );
+        yaml::parse_documents(&y, "t").0.remove(0)
+    }
+
+    /// Records every sync's (ops, deferred).
+    #[derive(Clone, Default)]
+    struct Recorder(Arc<Mutex<Vec<(usize, usize)>>>);
+    impl Hooks for Recorder {
+        fn synced(&mut self, _s: &Syncer, r: &SyncReport) {
+            self.0.lock().unwrap().push((r.ops, r.deferred));
+        }
+    }
+
+    struct Running {
+        tx: mpsc::Sender<SourceEvent>,
+        syncs: Recorder,
+        fake: SharedFake,
+        stop: tokio::sync::oneshot::Sender<()>,
+        task: tokio::task::JoinHandle<Syncer>,
+    }
+
+    fn start(kinds: &[Kind], adopted: MapImage, fake: SharedFake) -> Running {
+        let mut store = Store::new();
+        store.register("test", kinds);
+        let (tx, rx) = mpsc::channel(1024);
+        let syncs = Recorder::default();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let cfg = LoopConfig {
+            debounce: Duration::from_millis(100),
+            max_delay: Duration::from_secs(1),
+            housekeeping: Duration::from_secs(3600),
+            ..Default::default()
+        };
+        let (mut dp, mut hooks) = (fake.clone(), syncs.clone());
+        let task = tokio::spawn(async move {
+            run_loop(cfg, store, rx, &mut dp, adopted, &mut hooks, async {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        Running {
+            tx,
+            syncs,
+            fake,
+            stop,
+            task,
+        }
+    }
+
+    async fn send(r: &Running, event: Event) {
+        r.tx.send(SourceEvent { source: 0, event }).await.unwrap();
+    }
+
+    async fn list(r: &Running, kind: Kind, objs: Vec<Object>) {
+        send(r, Event::Init(kind)).await;
+        for o in objs {
+            send(r, Event::InitApply(o)).await;
+        }
+        send(r, Event::InitDone(kind)).await;
+    }
+
+    fn syncs(r: &Running) -> Vec<(usize, usize)> {
+        r.syncs.0.lock().unwrap().clone()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_of_changes_is_programmed_in_one_sync() {
+        let r = start(&[Kind::Service], MapImage::default(), SharedFake::default());
+        list(&r, Kind::Service, vec![]).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(syncs(&r).len(), 1, "the initial list");
+        // 50 changes, 10 ms apart: closer than the debounce, so one sync for all.
+        for i in 0..50 {
+            send(&r, Event::Apply(svc(&format!("s{i}"), i))).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let s = syncs(&r);
+        assert_eq!(s.len(), 2, "{s:?}");
+        assert_eq!(
+            crate::inspect::services_view(&r.fake.image()).len(),
+            50,
+            "every Service programmed"
+        );
+        let _ = r.stop.send(());
+        r.task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_steady_stream_of_changes_is_still_programmed_every_max_delay() {
+        let r = start(&[Kind::Service], MapImage::default(), SharedFake::default());
+        list(&r, Kind::Service, vec![]).await;
+        // A change every 50 ms for 3.5 s: the sources are never quiet for the debounce
+        // (100 ms), so only max_delay (1 s) makes the loop sync meanwhile.
+        for i in 0..70 {
+            send(&r, Event::Apply(svc(&format!("s{i}"), i))).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let during = syncs(&r).len();
+        assert!(during >= 3, "synced {during} times during the stream");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(crate::inspect::services_view(&r.fake.image()).len(), 70);
+        let _ = r.stop.send(());
+        r.task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deletions_wait_until_every_kind_has_listed() {
+        // The pinned maps hold a Service of a previous run.
+        let fake = SharedFake::new(FakeDatapath::default());
+        {
+            let mut c = weir_core::model::Cluster::default();
+            let s = crate::source::convert::service(match &svc("stale", 7) {
+                Object::Service(s) => s,
+                _ => unreachable!(),
+            })
+            .unwrap();
+            c.services.insert(s.id.clone(), s);
+            let mut f = fake.clone();
+            let mut sy = Syncer::new(NodeSettings::default(), MapImage::default(), f.capacities());
+            sy.sync(
+                SyncInput {
+                    cluster: &c,
+                    changes: &ChangeSet::everything(),
+                    sources_synced: true,
+                    generation: 0,
+                },
+                &mut f,
+            );
+        }
+        let adopted = fake.image();
+        assert_eq!(crate::inspect::services_view(&adopted).len(), 1);
+        let r = start(&[Kind::Service, Kind::EndpointSlice], adopted, fake);
+        // Services listed, EndpointSlices not yet: the new Service is added, the stale
+        // one kept.
+        list(&r, Kind::Service, vec![svc("new", 1)]).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let s = syncs(&r);
+        assert_eq!(s.len(), 1);
+        assert!(s[0].1 > 0, "deletions deferred: {s:?}");
+        assert_eq!(crate::inspect::services_view(&r.fake.image()).len(), 2);
+        // The last kind lists (nothing changes in it): the sync that follows deletes.
+        list(&r, Kind::EndpointSlice, vec![]).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let s = syncs(&r);
+        assert_eq!(s.len(), 2, "{s:?}");
+        assert_eq!(s[1].1, 0);
+        let fes = crate::inspect::services_view(&r.fake.image());
+        assert_eq!(fes.len(), 1);
+        assert_eq!(fes[0].frontend, "10.96.0.2:80/TCP");
+        let _ = r.stop.send(());
+        r.task.await.unwrap();
+    }
+}
