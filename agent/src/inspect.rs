@@ -524,7 +524,7 @@ fn dur(s: u64) -> String {
     match s {
         s if s < 120 => format!("{s}s"),
         s if s < 7200 => format!("{}m", s / 60),
-        s => format!("{}h", s / 3600),
+        s => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
     }
 }
 
@@ -826,10 +826,10 @@ pub fn explain_view(
         (false, true, _) => "externalTrafficPolicy is Cluster".to_string(),
         (true, false, _) => "internalTrafficPolicy is Local".to_string(),
         (true, true, true) => {
-            format!("externalTrafficPolicy is Local and the source is not a pod ({why_pod})")
+            format!("externalTrafficPolicy is Local and the source is not a pod: {why_pod}")
         }
         (true, true, false) => format!(
-            "externalTrafficPolicy is Local, but traffic from pods short-circuits to the cluster-wide set ({why_pod})"
+            "externalTrafficPolicy is Local, but traffic from pods short-circuits to the cluster-wide set; the source is a pod: {why_pod}"
         ),
     };
     let candidates: Vec<String> = slots(img, &key, scope, n)
@@ -839,13 +839,13 @@ pub fn explain_view(
     steps.push(Step {
         stage: "backend-set",
         decision: format!(
-            "{set_name} ({why_set}): {} backend{}{}",
+            "{set_name}: {} backend{}{}; {why_set}",
             n,
             if n == 1 { "" } else { "s" },
             if candidates.is_empty() {
                 String::new()
             } else {
-                format!(": {}", candidates.join(", "))
+                format!(" ({})", candidates.join(", "))
             }
         ),
     });
@@ -894,7 +894,7 @@ pub fn explain_view(
         Some("external traffic under externalTrafficPolicy Cluster".to_string())
     } else if !external && !src_is_pod {
         Some(format!(
-            "ClusterIP traffic from outside the cluster ({why_pod})"
+            "ClusterIP traffic from outside the cluster: {why_pod}"
         ))
     } else {
         None
@@ -906,7 +906,7 @@ pub fn explain_view(
     steps.push(Step {
         stage: "masquerade",
         decision: match (masq_reason, masq_addr) {
-            (Some(r), Some(a)) => format!("source rewritten to {a} ({r})"),
+            (Some(r), Some(a)) => format!("source rewritten to {a}; {r}"),
             (Some(r), None) => format!(
                 "needs masquerading ({r}) but this node has no address of the family: dropped"
             ),
@@ -990,4 +990,254 @@ pub fn flows(_a: &FlowsArgs) -> Result<()> {
         "weir flows: the datapath does not emit flow events yet (EVENTS ring buffer, issue 7); \
          the output is specified in docs/cli.md"
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use weir_core::{
+        datapath::{Datapath as _, FakeDatapath},
+        pipeline::NodeSettings,
+        sync::{SyncInput, Syncer},
+    };
+
+    use super::*;
+    use crate::source::{Event, Kind, SourceEvent, store::Store, yaml};
+
+    fn testdata(name: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("testdata/cli")
+            .join(name)
+    }
+
+    /// Compares `got` with the golden file, or rewrites it with UPDATE_GOLDEN=1.
+    fn golden(name: &str, got: &str) {
+        let p = testdata(name);
+        if std::env::var_os("UPDATE_GOLDEN").is_some() {
+            std::fs::write(&p, got).unwrap();
+            return;
+        }
+        let want = std::fs::read_to_string(&p).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e}; create it with UPDATE_GOLDEN=1 cargo nextest run -p weir --lib inspect",
+                p.display()
+            )
+        });
+        assert!(
+            got == want,
+            "{} differs (regenerate with UPDATE_GOLDEN=1 if the change is intended):\n--- got\n{got}\n--- want\n{want}",
+            p.display()
+        );
+    }
+
+    /// The map image the agent programs on node-a for testdata/cli/cluster.yaml, read back
+    /// from the fake datapath.
+    fn image() -> MapImage {
+        let text = std::fs::read_to_string(testdata("cluster.yaml")).unwrap();
+        let (objs, errs) = yaml::parse_documents(&text, "cluster.yaml");
+        assert!(errs.is_empty(), "{errs:?}");
+        let mut store = Store::new();
+        let src = store.register("golden", &Kind::ALL);
+        for o in objs {
+            store.apply(SourceEvent {
+                source: src,
+                event: Event::Apply(o),
+            });
+        }
+        let mut dp = FakeDatapath::default();
+        let mut s = Syncer::new(
+            NodeSettings {
+                node_name: "node-a".into(),
+                cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+                compile: weir_core::compile::CompileOptions {
+                    maglev_table_size: 7,
+                    maglev_all: false,
+                },
+                ..Default::default()
+            },
+            MapImage::default(),
+            dp.capacities(),
+        );
+        let changes = store.take_changes();
+        let r = s.sync(
+            SyncInput {
+                cluster: store.cluster(),
+                changes: &changes,
+                sources_synced: true,
+                generation: 1,
+            },
+            &mut dp,
+        );
+        assert!(r.errors.is_empty() && r.apply_error.is_none());
+        dp.read_image().unwrap()
+    }
+
+    #[test]
+    fn services_golden() {
+        let v = services_view(&image());
+        golden("services.txt", &services_text(&v));
+        golden(
+            "services.json",
+            &(serde_json::to_string_pretty(&v).unwrap() + "\n"),
+        );
+    }
+
+    #[test]
+    fn endpoints_golden() {
+        let v = endpoints_view(&image());
+        golden("endpoints.txt", &endpoints_text(&v));
+        golden(
+            "endpoints.json",
+            &(serde_json::to_string_pretty(&v).unwrap() + "\n"),
+        );
+    }
+
+    #[test]
+    fn explain_golden() {
+        let img = image();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let cases = [
+            // A pod to the ClusterIP.
+            ("10.244.1.5", "10.96.0.10", 80, proto::TCP, false),
+            // A host outside the cluster CIDR to the ClusterIP: masqueraded.
+            ("192.168.10.50", "10.96.0.10", 80, proto::TCP, false),
+            // A port the ClusterIP does not have.
+            ("10.244.1.5", "10.96.0.10", 8080, proto::TCP, false),
+            // An external client to the NodePort under eTP=Local.
+            ("203.0.113.9", "192.168.10.11", 30080, proto::TCP, false),
+            // A pod to the same NodePort: short-circuited to the cluster-wide set.
+            ("10.244.1.5", "192.168.10.11", 30080, proto::TCP, false),
+            // The LoadBalancer IP from inside and outside its source ranges.
+            ("203.0.113.9", "198.51.100.7", 443, proto::TCP, false),
+            ("192.0.2.1", "198.51.100.7", 443, proto::TCP, false),
+            // No endpoints; iTP=Local without local endpoints.
+            ("10.244.1.5", "10.96.0.13", 53, proto::UDP, false),
+            ("10.244.1.5", "10.96.0.14", 80, proto::TCP, true),
+            // Not a Service.
+            ("10.244.1.5", "10.244.2.7", 8080, proto::TCP, true),
+        ];
+        let views: Vec<Explanation> = cases
+            .iter()
+            .map(|(f, t, p, pr, fp)| explain_view(&img, ip(f), ip(t), *p, *pr, *fp))
+            .collect();
+        golden(
+            "explain.txt",
+            &views
+                .iter()
+                .map(explain_text)
+                .collect::<Vec<_>>()
+                .join("\n"),
+        );
+        golden(
+            "explain.json",
+            &(serde_json::to_string_pretty(&views).unwrap() + "\n"),
+        );
+        let verdicts: Vec<&str> = views.iter().map(|v| v.verdict).collect();
+        assert_eq!(
+            verdicts,
+            [
+                "translated",
+                "translated",
+                "rejected",
+                "translated",
+                "translated",
+                "translated",
+                "dropped",
+                "rejected",
+                "dropped",
+                "forwarded"
+            ]
+        );
+    }
+
+    #[test]
+    fn conntrack_golden() {
+        let a = |s: &str| Addr::from_ip(s.parse().unwrap());
+        let s = 1_000_000_000u64;
+        let now = 10_000 * s;
+        let mut m = BTreeMap::new();
+        let client = a("10.244.1.5");
+        m.insert(
+            CtKey {
+                src: client,
+                dst: a("10.96.0.10"),
+                sport_be: 40000u16.to_be(),
+                dport_be: 80u16.to_be(),
+                proto: proto::TCP,
+                kind: CT_KIND_SVC,
+                pad: [0; 2],
+            },
+            CtEntry {
+                created_ns: now - 90 * s,
+                last_seen_ns: now - 2 * s,
+                nat_src: client,
+                nat_dst: a("10.244.2.7"),
+                nat_sport_be: 40000u16.to_be(),
+                nat_dport_be: 8080u16.to_be(),
+                flags: CT_F_DNAT | CT_F_SEEN_REPLY | CT_F_SYN,
+                backend_id: 2,
+                rev_nat_id: 1,
+                packets: 12,
+                bytes: 3400,
+                ..Default::default()
+            },
+        );
+        m.insert(
+            CtKey {
+                src: client,
+                dst: a("10.244.2.7"),
+                sport_be: 40000u16.to_be(),
+                dport_be: 8080u16.to_be(),
+                proto: proto::TCP,
+                kind: CT_KIND_FLOW,
+                pad: [0; 2],
+            },
+            CtEntry {
+                created_ns: now - 90 * s,
+                last_seen_ns: now - 2 * s,
+                nat_src: client,
+                nat_dst: a("10.96.0.10"),
+                nat_sport_be: 40000u16.to_be(),
+                nat_dport_be: 80u16.to_be(),
+                flags: CT_F_DNAT | CT_F_SEEN_REPLY | CT_F_SYN,
+                tcp_fwd: 0x18,
+                tcp_rev: 0x12,
+                backend_id: 2,
+                rev_nat_id: 1,
+                packets: 20,
+                bytes: 9100,
+                ..Default::default()
+            },
+        );
+        m.insert(
+            CtKey {
+                src: a("203.0.113.9"),
+                dst: a("192.168.10.11"),
+                sport_be: 5353u16.to_be(),
+                dport_be: 30053u16.to_be(),
+                proto: proto::UDP,
+                kind: CT_KIND_SVC,
+                pad: [0; 2],
+            },
+            CtEntry {
+                created_ns: now - 5 * s,
+                last_seen_ns: now - 5 * s,
+                nat_src: a("192.168.10.11"),
+                nat_dst: a("10.244.2.8"),
+                nat_sport_be: 61234u16.to_be(),
+                nat_dport_be: 53u16.to_be(),
+                flags: CT_F_DNAT | CT_F_SNAT,
+                backend_id: 3,
+                rev_nat_id: 4,
+                packets: 1,
+                bytes: 60,
+                ..Default::default()
+            },
+        );
+        let v = conntrack_view(&m, now);
+        golden("conntrack.txt", &conntrack_text(&v));
+        golden(
+            "conntrack.json",
+            &(serde_json::to_string_pretty(&v).unwrap() + "\n"),
+        );
+    }
 }
