@@ -245,7 +245,7 @@ fn lpm_to_cidr(plen: u32, k: &SourceRangeKey) -> String {
 /// Every frontend of the image, in map key order.
 pub fn services_view(img: &MapImage) -> Vec<FrontendView> {
     let mut ranges: BTreeMap<u32, Vec<String>> = BTreeMap::new();
-    for ((plen, k), _) in &img.source_ranges {
+    for (plen, k) in img.source_ranges.keys() {
         ranges
             .entry(k.rev_nat_id)
             .or_default()
@@ -950,7 +950,7 @@ pub fn explain(a: &ExplainArgs) -> Result<()> {
     print(
         a.inspect.output,
         &explain_view(&img, a.from, a.to, a.port, p, a.from_pod),
-        |v| explain_text(v),
+        explain_text,
     )
 }
 
@@ -1205,7 +1205,6 @@ mod tests {
                 rev_nat_id: 1,
                 packets: 20,
                 bytes: 9100,
-                ..Default::default()
             },
         );
         m.insert(

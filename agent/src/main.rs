@@ -30,7 +30,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the node agent.
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Show weir balancing a ClusterIP in a throwaway network namespace.
     Demo {
         /// Number of connections to make.

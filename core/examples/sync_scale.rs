@@ -56,7 +56,9 @@ fn cluster(n: usize, per: usize) -> Cluster {
     for i in 0..n {
         let name = format!("svc-{i}");
         let id = ObjRef::new("bench", &name);
-        let vip: IpAddr = format!("10.96.{}.{}", i / 250, i % 250 + 1).parse().unwrap();
+        let vip: IpAddr = format!("10.96.{}.{}", i / 250, i % 250 + 1)
+            .parse()
+            .unwrap();
         c.services.insert(
             id.clone(),
             Service {
@@ -88,9 +90,14 @@ fn cluster(n: usize, per: usize) -> Cluster {
                         let k = i * per + j;
                         Endpoint {
                             addresses: vec![
-                                format!("10.{}.{}.{}", 64 + k / 62500, (k / 250) % 250, k % 250 + 1)
-                                    .parse()
-                                    .unwrap(),
+                                format!(
+                                    "10.{}.{}.{}",
+                                    64 + k / 62500,
+                                    (k / 250) % 250,
+                                    k % 250 + 1
+                                )
+                                .parse()
+                                .unwrap(),
                             ],
                             ready: Some(true),
                             node_name: Some(format!("node-{}", k % 100)),

@@ -909,7 +909,8 @@ mod tests {
         let mut c = big_cluster(20, 3);
         let mut p = Pipeline::new(settings());
         p.update(&c, &ChangeSet::everything(), 1);
-        let steps: Vec<Box<dyn Fn(&mut Cluster) -> ChangeSet>> = vec![
+        type Step = Box<dyn Fn(&mut Cluster) -> ChangeSet>;
+        let steps: Vec<Step> = vec![
             Box::new(|c| {
                 let k = ObjRef::new("default", "svc-3-a");
                 c.slices.get_mut(&k).unwrap().endpoints.pop();
