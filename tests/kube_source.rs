@@ -57,13 +57,46 @@ struct Harness {
     _watchers: Vec<tokio::task::JoinHandle<()>>,
 }
 
+/// How the agent is told where the API server is.
+enum Connect {
+    /// `--api-server URL`.
+    ApiServer,
+    /// `--kubeconfig FILE` (written to this path) with `--kube-context`.
+    Kubeconfig(std::path::PathBuf),
+}
+
 impl Harness {
     async fn start() -> Harness {
+        Self::start_with(Connect::ApiServer).await
+    }
+
+    async fn start_with(how: Connect) -> Harness {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let lists: Vec<(&str, Value)> = COLLECTIONS.iter().map(|(p, f)| (*p, fixture(f))).collect();
         let server = FakeApiServer::start(&lists).await.unwrap();
-        let client =
-            kube::Client::try_from(kube::Config::new(server.url().parse().unwrap())).unwrap();
+        // Through the agent's own configuration code, as `weir agent` builds it.
+        let opts = match how {
+            Connect::ApiServer => kubesrc::KubeOptions {
+                api_server: Some(server.url()),
+                ..Default::default()
+            },
+            Connect::Kubeconfig(path) => {
+                std::fs::write(
+                    &path,
+                    format!(
+                        "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"{}\"}}\nusers:\n- name: me\n  user: {{token: not-checked}}\ncontexts:\n- name: other\n  context: {{cluster: nowhere, user: me}}\n- name: fake\n  context: {{cluster: fake, user: me}}\ncurrent-context: other\n",
+                        server.url()
+                    ),
+                )
+                .unwrap();
+                kubesrc::KubeOptions {
+                    kubeconfig: Some(path),
+                    context: Some("fake".into()),
+                    ..Default::default()
+                }
+            }
+        };
+        let client = kubesrc::client(&opts).await.unwrap();
         let (tx, rx) = mpsc::channel(1024);
         let mut store = Store::new();
         let id = store.register("kube", &Kind::ALL);
@@ -363,5 +396,20 @@ async fn api_server_outage_keeps_the_datapath_and_the_relist_converges() {
             .any(|b| b.addr.to_string().starts_with("10.244.2.7")),
         "web's backends were deleted"
     );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connects_through_a_kubeconfig_file_and_context() {
+    let path = std::env::temp_dir().join(format!("{}-kubeconfig", weir::netns::unique_prefix('k')));
+    struct Rm(std::path::PathBuf);
+    impl Drop for Rm {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let _rm = Rm(path.clone());
+    let h = Harness::start_with(Connect::Kubeconfig(path)).await;
+    h.until_frontends("initial lists", &initial()).await;
     h.stop().await;
 }

@@ -277,3 +277,90 @@ fn the_cli_reads_the_live_pinned_maps() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `weir explain` computes from the maps what the datapath does: for each case, the
+/// program run on the real maps (BPF_PROG_TEST_RUN) agrees with the explained verdict,
+/// the chosen backend is among the explained candidates, and a masquerade shows.
+#[test]
+fn explain_agrees_with_the_datapath() {
+    require_root();
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/testdata/cli/cluster.yaml"
+    ))
+    .unwrap();
+    let (objs, errs) = weir::source::yaml::parse_documents(&text, "cluster.yaml");
+    assert!(errs.is_empty());
+    let (c, errs) = weir::source::dir::to_cluster(&objs);
+    assert!(errs.is_empty());
+    let mut h = ProgHarness::new().expect("load datapath");
+    let mut s = Syncer::new(
+        NodeSettings {
+            node_name: "node-a".into(),
+            cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+            compile: weir_core::compile::CompileOptions {
+                maglev_table_size: 7,
+                maglev_all: false,
+            },
+            ..Default::default()
+        },
+        h.dp.read_image().unwrap(),
+        h.dp.capacities(),
+    );
+    let r = sync(&mut s, &c, &ChangeSet::everything(), &mut h.dp);
+    assert!(r.apply_error.is_none() && r.errors.is_empty());
+    let img = h.dp.read_image().unwrap();
+    use weir::testing::prog::{TC_ACT_REDIRECT, TC_ACT_SHOT};
+    let cases: &[(&str, &str, u16, bool, Hook)] = &[
+        ("10.244.1.5", "10.96.0.10", 80, true, Hook::FromPod),
+        ("10.244.1.5", "10.96.0.10", 8080, true, Hook::FromPod),
+        ("203.0.113.9", "192.168.10.11", 30080, false, Hook::UplinkIn),
+        ("203.0.113.9", "198.51.100.7", 443, false, Hook::UplinkIn),
+        ("192.0.2.1", "198.51.100.7", 443, false, Hook::UplinkIn),
+        ("10.244.1.5", "10.96.0.14", 80, true, Hook::FromPod),
+        ("10.244.1.5", "10.244.2.7", 8080, true, Hook::FromPod),
+    ];
+    for (i, (from, to, port, from_pod, hook)) in cases.iter().enumerate() {
+        let e = weir::inspect::explain_view(
+            &img,
+            from.parse().unwrap(),
+            to.parse().unwrap(),
+            *port,
+            weir_common::proto::TCP,
+            *from_pod,
+        );
+        let r = h
+            .run(
+                *hook,
+                &packet::tcp(sock(from, 50000 + i as u16), sock(to, *port), SYN, b""),
+            )
+            .unwrap();
+        let what = format!("{from} -> {to}:{port}: explained {e:#?}");
+        match e.verdict {
+            "translated" => {
+                assert_eq!(r.verdict, TC_ACT_OK, "{what}");
+                let p = r.parsed();
+                let dst = format!("{}:{}", p.dst, p.dport);
+                assert!(e.candidates.contains(&dst), "{what}: went to {dst}");
+                let masq = e
+                    .steps
+                    .iter()
+                    .find(|s| s.stage == "masquerade")
+                    .and_then(|s| s.decision.strip_prefix("source rewritten to "))
+                    .map(|rest| rest.split(';').next().unwrap().to_string());
+                let src = p.src.to_string();
+                match masq {
+                    Some(m) => assert_eq!(src, m, "{what}"),
+                    None => assert_eq!(src, *from, "{what}"),
+                }
+            }
+            "rejected" => assert_eq!(r.verdict, TC_ACT_REDIRECT, "{what}"),
+            "dropped" => assert_eq!(r.verdict, TC_ACT_SHOT, "{what}"),
+            "forwarded" => {
+                assert_eq!(r.verdict, TC_ACT_OK, "{what}");
+                assert_eq!(r.parsed().dst.to_string(), *to, "{what}");
+            }
+            v => panic!("unexpected verdict {v}"),
+        }
+    }
+}
