@@ -217,6 +217,15 @@ impl AgentOptions {
         let Some(node_name) = self.node_name.filter(|n| !n.is_empty()) else {
             bail!("--node-name (or node-name in the config file, or WEIR_NODE_NAME) is required");
         };
+        if self.source_dir.is_none()
+            && self.kubeconfig.is_none()
+            && self.api_server.is_none()
+            && !self.in_cluster
+        {
+            bail!(
+                "no source of cluster objects: give --source-dir, --kubeconfig, --api-server or --in-cluster"
+            );
+        }
         let mut v4 = 0;
         let mut v6 = 0;
         for c in &self.cluster_cidr {
@@ -343,11 +352,34 @@ mod tests {
                 .unwrap_err()
                 .to_string()
         };
-        assert!(o("node-name: n\nmaglev-table-size: 1000\n").contains("not a prime"));
         assert!(
-            o("node-name: n\ncluster-cidr: [10.0.0.0/8, 10.1.0.0/16]\n")
+            o("node-name: n\nsource-dir: /x\nmaglev-table-size: 1000\n").contains("not a prime")
+        );
+        assert!(
+            o("node-name: n\nsource-dir: /x\ncluster-cidr: [10.0.0.0/8, 10.1.0.0/16]\n")
                 .contains("at most one CIDR per family")
         );
         assert!(o("source-dir: /x\n").contains("--node-name"));
+        assert!(o("node-name: n\n").contains("no source of cluster objects"));
+    }
+
+    /// Every option of `weir agent` is documented in docs/agent.md.
+    #[test]
+    fn every_option_is_documented() {
+        use clap::Args as _;
+        let cmd = AgentOptions::augment_args(clap::Command::new("agent"));
+        let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/agent.md"))
+            .unwrap();
+        let mut n = 0;
+        for a in cmd.get_arguments() {
+            if let Some(long) = a.get_long() {
+                n += 1;
+                assert!(
+                    doc.contains(&format!("`--{long}")),
+                    "--{long} is not documented in docs/agent.md"
+                );
+            }
+        }
+        assert!(n >= 20, "{n} options");
     }
 }
