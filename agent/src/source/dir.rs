@@ -62,9 +62,16 @@ pub struct Poll {
     pub files_read: usize,
 }
 
+/// The YAML files under `root`. Entries whose name starts with a dot are skipped: a
+/// ConfigMap volume keeps its real files in `..<timestamp>/` directories behind a
+/// `..data` symlink and exposes them as `name -> ..data/name` symlinks (which are
+/// followed), so reading the hidden directories too would see every object twice.
 fn files(root: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     for e in std::fs::read_dir(root)? {
         let e = e?;
+        if e.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
         let p = e.path();
         let ft = e.file_type()?;
         if ft.is_dir() {
@@ -406,6 +413,31 @@ mod tests {
         // The generation alone.
         std::fs::write(d.0.join(GENERATION_FILE), "8").unwrap();
         assert_eq!(names(&src.poll().unwrap().events), ["Generation 8"]);
+    }
+
+    #[test]
+    fn a_configmap_volume_is_read_once_and_its_atomic_swap_is_seen() {
+        // The layout kubelet gives a ConfigMap volume: files in a timestamped hidden
+        // directory, `..data` pointing at it, and top-level symlinks through `..data`.
+        let d = tempdir();
+        let v1 = d.0.join("..2026_11_22_05_00_00.1");
+        std::fs::create_dir(&v1).unwrap();
+        std::fs::write(v1.join("objects.yaml"), svc("a", 80)).unwrap();
+        std::os::unix::fs::symlink("..2026_11_22_05_00_00.1", d.0.join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/objects.yaml", d.0.join("objects.yaml")).unwrap();
+        let mut src = DirSource::new(&d.0);
+        let p = src.poll().unwrap();
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        assert_eq!(p.files_read, 1);
+        assert!(names(&p.events).contains(&"InitApply d/a".to_string()));
+        // kubelet writes a new timestamped directory and swaps `..data` atomically.
+        let v2 = d.0.join("..2026_11_22_05_01_00.2");
+        std::fs::create_dir(&v2).unwrap();
+        std::fs::write(v2.join("objects.yaml"), svc("a", 81)).unwrap();
+        std::os::unix::fs::symlink("..2026_11_22_05_01_00.2", d.0.join("..data_tmp")).unwrap();
+        std::fs::rename(d.0.join("..data_tmp"), d.0.join("..data")).unwrap();
+        std::fs::remove_dir_all(&v1).unwrap();
+        assert_eq!(names(&src.poll().unwrap().events), ["Apply d/a"]);
     }
 
     #[test]
