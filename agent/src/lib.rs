@@ -5,11 +5,14 @@
 //! says, and lets people look inside.
 //!
 //! # Layout
-//! - [`agent`]: the node daemon's loop (source -> pipeline -> plan -> datapath).
+//! - [`agent`]: the node daemon's loop (sources -> store -> incremental sync -> datapath).
+//! - [`config`]: `weir agent` options (flags and the YAML config file).
 //! - [`datapath`]: loading, pinning and attaching the eBPF object; [`datapath::AyaDatapath`]
 //!   implements `weir_core::datapath::Datapath` over the real maps.
-//! - [`source`]: cluster state from a directory of Kubernetes YAML (and the API server),
-//!   converted into `weir_core::model`.
+//! - [`source`]: cluster state from a directory of Kubernetes YAML or the API server
+//!   (kube-rs watchers), as events into one store of `weir_core::model` objects.
+//! - [`inspect`]: `weir services`, `endpoints`, `conntrack`, `explain` over the live
+//!   pinned maps (pure views, golden-tested).
 //! - [`netns`]: namespaces, links and child processes for the demo, lab and tests.
 //! - [`probe`]: one probe from inside a namespace and cgroup, as JSON.
 //! - [`serve`]: the identity server lab pods run.
@@ -23,8 +26,10 @@
 //! ABI in `weir-common`.
 
 pub mod agent;
+pub mod config;
 pub mod datapath;
 pub mod demo;
+pub mod inspect;
 pub mod lab;
 pub mod logging;
 pub mod netns;

@@ -34,8 +34,8 @@ pub mod ct;
 pub mod lb;
 pub mod maps;
 pub mod metrics;
-pub mod sock;
 pub mod policy;
+pub mod sock;
 
 pub use addr::Addr;
 

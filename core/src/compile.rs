@@ -36,7 +36,9 @@ pub type FrontendId = (FrontendAddr, u16, Protocol);
 #[derive(Debug, Clone)]
 struct Ids<K: Ord> {
     by_key: BTreeMap<K, u32>,
-    used: BTreeSet<u32>,
+    /// The reverse index, so that the incremental pipeline can release an id once its
+    /// map entry is gone without scanning every key.
+    by_id: BTreeMap<u32, K>,
     next: u32,
 }
 
@@ -44,7 +46,7 @@ impl<K: Ord> Default for Ids<K> {
     fn default() -> Self {
         Self {
             by_key: BTreeMap::new(),
-            used: BTreeSet::new(),
+            by_id: BTreeMap::new(),
             next: 1,
         }
     }
@@ -60,7 +62,7 @@ impl<K: Ord + Clone> Ids<K> {
         let start = self.next.max(1);
         let mut id = start;
         loop {
-            if !self.used.contains(&id) {
+            if !self.by_id.contains_key(&id) {
                 break;
             }
             id = if id == u32::MAX { 1 } else { id + 1 };
@@ -68,7 +70,7 @@ impl<K: Ord + Clone> Ids<K> {
                 return Err(CompileError::IdsExhausted { what });
             }
         }
-        self.used.insert(id);
+        self.by_id.insert(id, k.clone());
         self.by_key.insert(k.clone(), id);
         self.next = id.wrapping_add(1);
         Ok(id)
@@ -76,14 +78,27 @@ impl<K: Ord + Clone> Ids<K> {
 
     fn release(&mut self, k: &K) {
         if let Some(id) = self.by_key.remove(k) {
-            self.used.remove(&id);
+            self.by_id.remove(&id);
+        }
+    }
+
+    fn release_id(&mut self, id: u32) {
+        if let Some(k) = self.by_id.remove(&id) {
+            self.by_key.remove(&k);
         }
     }
 
     fn seed(&mut self, k: K, id: u32) {
-        self.used.insert(id);
+        self.by_id.insert(id, k.clone());
         self.by_key.insert(k, id);
         self.next = self.next.max(id.wrapping_add(1));
+    }
+
+    fn retain_ids(&mut self, keep: impl Fn(u32) -> bool) {
+        let gone: Vec<u32> = self.by_id.keys().copied().filter(|id| !keep(*id)).collect();
+        for id in gone {
+            self.release_id(id);
+        }
     }
 }
 
@@ -134,28 +149,34 @@ impl IdAllocator {
         self.frontends.release(f)
     }
 
+    /// Releases a backend id (its BACKENDS entry is gone).
+    pub fn release_backend_id(&mut self, id: u32) {
+        self.backends.release_id(id)
+    }
+
+    /// Releases a frontend (rev-NAT) id (its REV_NAT entry is gone).
+    pub fn release_frontend_id(&mut self, id: u32) {
+        self.frontends.release_id(id)
+    }
+
     /// Releases every id that `img` does not use.
     pub fn retain(&mut self, img: &MapImage) {
-        let gone: Vec<BackendAddr> = self
-            .backends
-            .by_key
-            .iter()
-            .filter(|(_, id)| !img.backends.contains_key(id))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for b in gone {
-            self.backends.release(&b);
-        }
-        let gone: Vec<FrontendId> = self
-            .frontends
-            .by_key
-            .iter()
-            .filter(|(_, id)| !img.rev_nat.contains_key(id))
-            .map(|(k, _)| *k)
-            .collect();
-        for f in gone {
-            self.frontends.release(&f);
-        }
+        self.retain_where(
+            |id| img.backends.contains_key(&id),
+            |id| img.rev_nat.contains_key(&id),
+        );
+    }
+
+    /// Releases every backend id for which `backend` and every frontend id for which
+    /// `frontend` says false.
+    pub fn retain_where(&mut self, backend: impl Fn(u32) -> bool, frontend: impl Fn(u32) -> bool) {
+        self.backends.retain_ids(backend);
+        self.frontends.retain_ids(frontend);
+    }
+
+    /// Number of allocated (backend, frontend) ids.
+    pub fn allocated(&self) -> (usize, usize) {
+        (self.backends.by_id.len(), self.frontends.by_id.len())
     }
 
     pub fn known_backend(&self, b: &BackendAddr) -> Option<u32> {

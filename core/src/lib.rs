@@ -18,18 +18,24 @@
 //! - [`plan`]: diff two images into an ordered, make-before-break [`plan::Plan`].
 //! - [`policy`]: NetworkPolicy: the evaluator (specification), the compiler to the policy
 //!   maps (identities, policy keys, LPM entries), the model of the datapath's lookups.
-//! - [`pipeline`]: the per-node pipeline with a per-Service cache.
+//! - [`keys`]: [`keys::ImageKeys`], the keys a change touched (diffs restricted to them).
+//! - [`pipeline`]: the incremental per-node pipeline: a [`pipeline::ChangeSet`] in, the
+//!   desired image and the touched keys out, work proportional to the change.
+//! - [`sync`]: [`sync::Syncer`], one sync step: pipeline, capacity admission, deferred
+//!   deletions until every source has listed, apply, id release, counters.
 //! - [`datapath`]: the [`datapath::Datapath`] trait every map write goes through, and the
 //!   fake implementations tests use.
 
 pub mod compile;
 pub mod datapath;
 pub mod image;
+pub mod keys;
 pub mod maglev;
 pub mod model;
 pub mod pipeline;
 pub mod plan;
 pub mod policy;
 pub mod services;
+pub mod sync;
 
 pub use weir_common as abi;

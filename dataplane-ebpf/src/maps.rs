@@ -16,8 +16,8 @@ use weir_common::{
     },
     maps::*,
     metrics::{Counter, REASON_MAX},
-    sock::{SockRevKey, SockRevValue},
     policy::{EndpointValue, IpcacheValue, PolicyKey, PolicyValue, RuleInfo},
+    sock::{SockRevKey, SockRevValue},
 };
 
 use crate::parse::Pkt;

@@ -5,7 +5,7 @@ use k8s_openapi::api::{
 };
 
 /// One Kubernetes object of a kind weir reads.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Object {
     Service(Box<core::Service>),
     EndpointSlice(Box<discovery::EndpointSlice>),
@@ -25,6 +25,41 @@ impl Object {
             Object::Namespace(_) => "Namespace",
             Object::NetworkPolicy(_) => "NetworkPolicy",
         }
+    }
+
+    pub fn kind_id(&self) -> super::Kind {
+        use super::Kind;
+        match self {
+            Object::Service(_) => Kind::Service,
+            Object::EndpointSlice(_) => Kind::EndpointSlice,
+            Object::Node(_) => Kind::Node,
+            Object::Pod(_) => Kind::Pod,
+            Object::Namespace(_) => Kind::Namespace,
+            Object::NetworkPolicy(_) => Kind::NetworkPolicy,
+        }
+    }
+
+    pub fn metadata(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        match self {
+            Object::Service(o) => &o.metadata,
+            Object::EndpointSlice(o) => &o.metadata,
+            Object::Node(o) => &o.metadata,
+            Object::Pod(o) => &o.metadata,
+            Object::Namespace(o) => &o.metadata,
+            Object::NetworkPolicy(o) => &o.metadata,
+        }
+    }
+
+    /// The object's key: namespace (`default` when unset; empty for cluster-scoped
+    /// kinds) and name, as `convert` names objects.
+    pub fn key(&self) -> weir_core::model::ObjRef {
+        let m = self.metadata();
+        let ns = if self.kind_id().namespaced() {
+            m.namespace.clone().unwrap_or_else(|| "default".into())
+        } else {
+            String::new()
+        };
+        weir_core::model::ObjRef::new(ns, m.name.clone().unwrap_or_default())
     }
 }
 

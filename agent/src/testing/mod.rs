@@ -7,7 +7,15 @@
 //!   throwaway pin directory, to run a program on a crafted packet through
 //!   BPF_PROG_TEST_RUN and read back bytes, verdict and maps.
 //!
+//! - [`apiserver`]: [`apiserver::FakeApiServer`], a local HTTP server speaking the
+//!   Kubernetes list/watch protocol with scripted faults (broken watches, 410 Gone,
+//!   outages), for the kube source tests.
+//! - [`shared`]: [`shared::SharedFake`], a `FakeDatapath` behind a mutex, so a test can
+//!   inspect what a running agent loop programmed.
+//!
 //! Namespace, link and process guards live in [`crate::netns`].
 
+pub mod apiserver;
 pub mod packet;
 pub mod prog;
+pub mod shared;

@@ -55,6 +55,16 @@ impl PolicyOp {
         )
     }
 
+    /// Whether the map this op writes already holds its key in `img`.
+    pub fn key_in(&self, img: &PolicyImage) -> bool {
+        match self {
+            PolicyOp::PutRule(k, _) | PolicyOp::DelRule(k) => img.rules.contains_key(k),
+            PolicyOp::PutPolicy(k, _) | PolicyOp::DelPolicy(k) => img.policy.contains_key(k),
+            PolicyOp::PutIpcache(k, _) | PolicyOp::DelIpcache(k) => img.ipcache.contains_key(k),
+            PolicyOp::PutEndpoint(k, _) | PolicyOp::DelEndpoint(k) => img.endpoints.contains_key(k),
+        }
+    }
+
     /// Applies the op to an in-memory image.
     pub fn apply_to(&self, img: &mut PolicyImage) {
         match self {
