@@ -105,6 +105,15 @@ pub struct LabConfig {
     pub load_balancer_cidrs: Vec<IpNet>,
     /// NodePort range, inclusive.
     pub node_port_range: [u16; 2],
+    /// Socket-level load balancing on every node (the agents attach their cgroup hooks to
+    /// the node's cgroup). On by default, as in a cluster; off sends all Service traffic
+    /// through the per-packet path.
+    #[serde(rename = "socketLB", default = "yes")]
+    pub socket_lb: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Default for LabConfig {
@@ -117,6 +126,7 @@ impl Default for LabConfig {
             node_cidr_mask_size_v6: 64,
             load_balancer_cidrs: vec!["198.51.100.0/24".parse().expect("cidr")],
             node_port_range: [30000, 32767],
+            socket_lb: true,
         }
     }
 }
@@ -150,6 +160,8 @@ pub struct LabConfigDoc {
     pub load_balancer_cidrs: Option<Vec<IpNet>>,
     #[serde(default)]
     pub node_port_range: Option<String>,
+    #[serde(rename = "socketLB", default)]
+    pub socket_lb: Option<bool>,
 }
 
 fn family_of(n: &IpNet) -> Family {
@@ -223,6 +235,9 @@ impl LabConfig {
             }
             if let Some(r) = &d.node_port_range {
                 c.node_port_range = parse_port_range(r)?;
+            }
+            if let Some(v) = d.socket_lb {
+                c.socket_lb = v;
             }
         }
         if !pod_cidrs.is_empty() {

@@ -220,25 +220,16 @@ pub fn prepare_child(
     Ok(())
 }
 
-/// Extra agent flags this weir build supports (checked once through `agent --help`).
-fn agent_flags(exe: &Path, cfg: &LabConfig) -> Vec<String> {
-    let help = Command::new(exe)
-        .args(["agent", "--help"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
-    let mut v = Vec::new();
-    if help.contains("--cluster-cidr") {
-        v.push("--cluster-cidr".into());
-        v.push(
-            cfg.pod_cidrs
-                .iter()
-                .map(|c| c.to_string())
-                .collect::<Vec<_>>()
-                .join(","),
-        );
-    }
-    v
+/// Agent flags every node's agent gets from the lab's configuration: the pod CIDRs (the
+/// local detector), the service CIDRs (unallocated addresses dropped).
+fn agent_flags(_exe: &Path, cfg: &LabConfig) -> Vec<String> {
+    let join = |v: &[ipnet::IpNet]| v.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(",");
+    vec![
+        "--cluster-cidr".into(),
+        join(&cfg.pod_cidrs),
+        "--service-cidr".into(),
+        join(&cfg.service_cidrs),
+    ]
 }
 
 /// The last lines of a log file, for error messages.
@@ -563,6 +554,11 @@ impl Lab {
         .map(|s| s.to_string())
         .collect();
         args.extend(self.state.agent_flags.iter().cloned());
+        if self.state.config.socket_lb {
+            // The node's cgroup holds its pods' processes and its host probes.
+            args.push("--cgroup".into());
+            args.push(n.cgroup.display().to_string());
+        }
         // Started inside the node namespace already (as well as told with --netns), so
         // that from its first instruction it is found by the namespace scan of `down`.
         let p = spawn_detached(&self.state.exe, &args, Some(&n.netns), None, &n.log)?;
