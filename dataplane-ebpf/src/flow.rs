@@ -18,8 +18,8 @@ use aya_ebpf::{
 use weir_common::{Addr, ct::*, lb::*, metrics::*};
 
 use crate::{
-    ct, icmp, lb,
-    maps::{CONFIG, WORK, Work},
+    ct, fwd, icmp, lb,
+    maps::{CONFIG, NODE_ADDRS, WORK, Work},
     metrics::count,
     nat::{self, End},
     parse::{self, FRAG_LATER, TCP_SYN},
@@ -101,15 +101,18 @@ pub fn handle(ctx: &TcContext, hook: Hook) -> i32 {
         count(REASON_FORWARDED, hook.dir(), w.pkt.len);
         return TC_ACT_OK;
     }
+    w.redirect = 0;
     if !w.pkt.has_ports() {
         // An ICMP error about a translated flow is translated back like a reply.
         let ty: u8 = ctx.load(w.pkt.l4_off).unwrap_or(255);
-        let reason = if icmp::is_error(&w.pkt, ty) && icmp::reverse_error(ctx, w) == Ok(true) {
-            REASON_REV_TRANSLATED
+        if icmp::is_error(&w.pkt, ty) && icmp::reverse_error(ctx, w) == Ok(true) {
+            count(REASON_REV_TRANSLATED, hook.dir(), w.pkt.len);
+            if w.redirect != 0 {
+                return fwd::redirect(ctx, w);
+            }
         } else {
-            REASON_FORWARDED
-        };
-        count(reason, hook.dir(), w.pkt.len);
+            count(REASON_FORWARDED, hook.dir(), w.pkt.len);
+        }
         return TC_ACT_OK;
     }
     w.ports_in = nat::ports_word(w.pkt.sport_be, w.pkt.dport_be);
@@ -124,6 +127,9 @@ pub fn handle(ctx: &TcContext, hook: Hook) -> i32 {
             {
                 count(REASON_NAT_FAILED, hook.dir(), w.pkt.len);
                 return TC_ACT_SHOT;
+            }
+            if w.redirect != 0 {
+                return fwd::redirect(ctx, w);
             }
             TC_ACT_OK
         }
@@ -201,6 +207,11 @@ fn reverse(ctx: &TcContext, w: &mut Work, e: *mut CtEntry) -> Out {
         new_dport = cl_port;
     }
     w.ports_out = nat::ports_word(fe_port, new_dport);
+    // The reply now comes from a node address (a NodePort, or the masquerade address of
+    // a hairpin): forward it ourselves, the input path would drop it as a martian.
+    if flags & CT_F_SNAT != 0 || unsafe { NODE_ADDRS.get(&fe_addr) }.is_some() {
+        w.redirect = 1;
+    }
     Out::OK
 }
 
@@ -324,6 +335,11 @@ fn track_and_rewrite(ctx: &TcContext, w: &mut Work, now: u64) -> Out {
         }
     }
     w.ports_out = nat::ports_word(w.nat_sport_be, w.be.port_be);
+    // Masqueraded: the source is now a node address; forward it ourselves (the input
+    // path would drop it as a martian).
+    if w.snat != 0 {
+        w.redirect = 1;
+    }
     Out::OK
 }
 

@@ -231,9 +231,14 @@ pub fn reverse_error(ctx: &TcContext, w: &mut Work) -> Result<bool, ()> {
     if osrc == inner.dst {
         nat::rewrite_from(ctx, &w.pkt, End::Src, &osrc, 0, &fe, 0)?;
         w.pkt.src = fe;
+        if unsafe { crate::maps::NODE_ADDRS.get(&fe) }.is_some() {
+            w.redirect = 1;
+        }
     }
     if snat && odst == inner.src {
         nat::rewrite_from(ctx, &w.pkt, End::Dst, &odst, 0, &cl, 0)?;
+        // Addressed to the node before: it must now be forwarded, not delivered.
+        w.redirect = 1;
     }
     Ok(true)
 }

@@ -7,6 +7,7 @@
 //! - `nat`: header rewrites with checksum updates.
 //! - `metrics`: per-CPU counters.
 //! - `reject`: TCP RST / ICMP port unreachable generated in place.
+//! - `fwd`: forwarding of translated packets whose source became a node address.
 //! - `icmp`: ICMP errors about translated flows, translated back.
 //! - `sock`: socket-level load balancing (cgroup sock_addr hooks).
 //! - `flow`: the per-packet pipeline the TC entry points share.
@@ -17,6 +18,8 @@
 mod ct;
 #[cfg(target_arch = "bpf")]
 mod flow;
+#[cfg(target_arch = "bpf")]
+mod fwd;
 #[cfg(target_arch = "bpf")]
 mod icmp;
 #[cfg(target_arch = "bpf")]

@@ -74,6 +74,9 @@ pub struct Work {
     /// the entry point fixes the CRC32c once if they differ.
     pub ports_in: u32,
     pub ports_out: u32,
+    /// Set by a stage whose translation left one of the node's addresses as the source:
+    /// the entry point forwards the packet itself (`fwd::redirect`).
+    pub redirect: u32,
     pub range_key: Key<SourceRangeKey>,
 }
 
