@@ -169,7 +169,7 @@ fn external_traffic_follows_the_traffic_policies() {
 
     // §4 rows 19/20: eTP Local keeps the client's address and uses only local endpoints.
     let lb = l.lb_ip("web-local");
-    let p = l.probe(&format!("external@node-b"), &lb, 80, "TCP", 20);
+    let p = l.probe("external@node-b", &lb, 80, "TCP", 20);
     assert_all(&p, "connected", "external -> eTP Local LB via node-b");
     assert_eq!(
         p.backends(),
