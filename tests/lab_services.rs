@@ -347,19 +347,28 @@ fn node_and_pod_traffic_to_external_frontends_with_and_without_socket_lb() {
             "{what}: 40 connections never picked the pod itself"
         );
 
-        // Node -> its own NodePort (served on the node's address from inside the node)
-        // and -> ClusterIP. Without socket LB the node's own traffic has no per-packet
-        // hook, so these are checked with socket LB only.
+        // Node -> ClusterIP and -> another node's NodePort: with socket LB the connect
+        // hook translates; without it tc_uplink_out does, per packet, on the way out.
+        let p = l.probe("node/node-a", "svc/s/web", 80, "TCP", 10);
+        assert_all(&p, "connected", &format!("{what}: node -> ClusterIP"));
+        assert_eq!(
+            p.sources(),
+            vec![ip_a.clone()],
+            "{what}: node traffic has the node's address"
+        );
+        let p = l.probe("node/node-a", "svc/s/web", 80, "UDP", 5);
+        assert_all(&p, "connected", &format!("{what}: node -> ClusterIP (UDP)"));
+        let p = l.probe("node/node-a", "nodeport/node-b/s/web", 80, "TCP", 10);
+        assert_all(
+            &p,
+            "connected",
+            &format!("{what}: node -> other node's NodePort"),
+        );
+        // Node -> its own NodePort goes through loopback, which has no per-packet hook:
+        // served by socket LB only (as Cilium's host-reachable services).
         if config.is_none() {
             let p = l.probe("node/node-a", "nodeport/node-a/s/web", 80, "TCP", 10);
             assert_all(&p, "connected", "node -> own NodePort");
-            let p = l.probe("node/node-a", "svc/s/web", 80, "TCP", 10);
-            assert_all(&p, "connected", "node -> ClusterIP");
-            assert_eq!(
-                p.sources(),
-                vec![ip_a.clone()],
-                "node traffic has the node's address"
-            );
         }
     }
 }

@@ -406,7 +406,7 @@ fn attach_interfaces(dataplane: &mut Dataplane, pod_ifaces: &[String], uplinks: 
         let hooks: &[Hook] = if pod {
             &[Hook::FromPod, Hook::ToPod]
         } else if uplink {
-            &[Hook::UplinkIn]
+            &[Hook::UplinkIn, Hook::UplinkOut]
         } else {
             &[]
         };

@@ -31,13 +31,16 @@ pub enum Hook {
     FromPod,
     ToPod,
     UplinkIn,
+    /// TC egress of an uplink: the node's own traffic to a Service frontend, when no
+    /// socket hook translated it (socket LB off, or a process outside its cgroup).
+    UplinkOut,
 }
 
 impl Hook {
     #[inline(always)]
     fn dir(self) -> u8 {
         match self {
-            Hook::FromPod => DIR_EGRESS,
+            Hook::FromPod | Hook::UplinkOut => DIR_EGRESS,
             Hook::ToPod | Hook::UplinkIn => DIR_INGRESS,
         }
     }
@@ -117,7 +120,11 @@ pub fn handle(ctx: &TcContext, hook: Hook) -> i32 {
     }
     w.ports_in = nat::ports_word(w.pkt.sport_be, w.pkt.dport_be);
     w.ports_out = w.ports_in;
-    let o = ingress(ctx, w, hook == Hook::FromPod);
+    let o = if hook == Hook::UplinkOut {
+        node_egress(ctx, w)
+    } else {
+        ingress(ctx, w, hook == Hook::FromPod)
+    };
     match o.kind() {
         OUT_OK => {
             // SCTP's CRC32c is fixed here, once, rather than inside every stage: the
@@ -182,6 +189,20 @@ fn ingress(ctx: &TcContext, w: &mut Work, from_pod: bool) -> Out {
     }
 
     count(REASON_FORWARDED, dir, w.pkt.len);
+    Out::OK
+}
+
+/// The node's own packets leaving through an uplink: only those from a node address to a
+/// Service frontend are translated (forwarded and replies were handled at ingress). The
+/// route was chosen for the frontend, not the backend, so the packet is forwarded anew.
+#[inline(never)]
+fn node_egress(ctx: &TcContext, w: &mut Work) -> Out {
+    if unsafe { NODE_ADDRS.get(&w.pkt.src) }.is_none() || !lb::lookup_frontend(w) {
+        return Out::OK;
+    }
+    stage!(service(ctx, w, false));
+    count(REASON_TRANSLATED, DIR_EGRESS, w.pkt.len);
+    w.redirect = 1;
     Out::OK
 }
 

@@ -67,6 +67,13 @@ mod programs {
         flow::handle(&ctx, Hook::UplinkIn)
     }
 
+    /// TC egress on a node uplink: the node's own traffic to Service frontends that no
+    /// socket hook translated.
+    #[classifier]
+    pub fn tc_uplink_out(ctx: TcContext) -> i32 {
+        flow::handle(&ctx, Hook::UplinkOut)
+    }
+
     #[cgroup_sock_addr(connect4)]
     pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
         sock::translate(&ctx, false)

@@ -47,6 +47,8 @@ pub enum Hook {
     ToPod,
     /// Node uplink, ingress.
     UplinkIn,
+    /// Node uplink, egress: the node's own traffic to Service frontends.
+    UplinkOut,
 }
 
 impl Hook {
@@ -55,13 +57,14 @@ impl Hook {
             Hook::FromPod => "tc_from_pod",
             Hook::ToPod => "tc_to_pod",
             Hook::UplinkIn => "tc_uplink_in",
+            Hook::UplinkOut => "tc_uplink_out",
         }
     }
 
     fn attach_type(self) -> TcAttachType {
         match self {
             Hook::FromPod | Hook::UplinkIn => TcAttachType::Ingress,
-            Hook::ToPod => TcAttachType::Egress,
+            Hook::ToPod | Hook::UplinkOut => TcAttachType::Egress,
         }
     }
 
@@ -70,10 +73,11 @@ impl Hook {
             Hook::FromPod => "frompod",
             Hook::ToPod => "topod",
             Hook::UplinkIn => "uplinkin",
+            Hook::UplinkOut => "uplinkout",
         }
     }
 
-    pub const ALL: [Hook; 3] = [Hook::FromPod, Hook::ToPod, Hook::UplinkIn];
+    pub const ALL: [Hook; 4] = [Hook::FromPod, Hook::ToPod, Hook::UplinkIn, Hook::UplinkOut];
 }
 
 /// The socket-level load-balancing programs (cgroup sock_addr hooks).
