@@ -968,3 +968,63 @@ fn udp_flows_follow_the_serving_condition() {
         "not serving: moved"
     );
 }
+
+/// The agent's conntrack sweep on entries the datapath made: nothing is deleted while a
+/// flow is within its idle timeout (UDP and TCP-SYN-only: 60 s), everything once past
+/// it, and the flow's next packet is simply tracked again.
+#[test]
+fn conntrack_sweep_deletes_idle_flows_made_by_the_datapath() {
+    use weir::datapath::{gc, maps::open_pinned};
+    require_root();
+    let c = cluster(vec![
+        Svc::new("web", &["10.96.0.10"])
+            .port("dns", 53, 53, UDP)
+            .port("http", 80, 8080, TCP)
+            .ep("10.244.2.1", REMOTE),
+    ]);
+    let h = harness(&c);
+    let q = packet::udp(sock(POD, 5353), sock("10.96.0.10", 53), b"q");
+    assert_fwd(
+        &h.run(Hook::FromPod, &q).unwrap(),
+        POD,
+        Some(5353),
+        "10.244.2.1",
+        53,
+    );
+    let s = syn(sock(POD, 40000), sock("10.96.0.10", 80));
+    assert_fwd(
+        &h.run(Hook::FromPod, &s).unwrap(),
+        POD,
+        Some(40000),
+        "10.244.2.1",
+        8080,
+    );
+    let before = h.ct().unwrap();
+    assert_eq!(
+        before.len(),
+        4,
+        "service + flow entry per connection: {before:?}"
+    );
+
+    let mut ct: aya::maps::HashMap<aya::maps::MapData, _, _> =
+        open_pinned(&h.pin_dir, weir_common::maps::CT)
+            .unwrap()
+            .try_into()
+            .unwrap();
+    let now = gc::monotonic_ns();
+    let s30 = gc::sweep_conntrack(&mut ct, now + 30_000_000_000);
+    assert_eq!((s30.scanned, s30.deleted), (4, 0), "{s30:?}");
+    assert_eq!(h.ct().unwrap(), before);
+    let s61 = gc::sweep_conntrack(&mut ct, now + 61_000_000_000);
+    assert_eq!((s61.scanned, s61.deleted), (4, 4), "{s61:?}");
+    assert!(h.ct().unwrap().is_empty());
+
+    assert_fwd(
+        &h.run(Hook::FromPod, &q).unwrap(),
+        POD,
+        Some(5353),
+        "10.244.2.1",
+        53,
+    );
+    assert_eq!(h.ct().unwrap().len(), 2, "tracked again");
+}

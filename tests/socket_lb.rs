@@ -101,3 +101,175 @@ fn without_socket_lb_the_per_packet_path_translates() {
         .unwrap();
     assert_eq!(r.result, "refused", "per-packet reject (TCP RST): {r:?}");
 }
+
+/// Runs `f` with this test process in `cg` (a socket belongs to the cgroup of the
+/// process that made it, for good), then moves the process back.
+fn in_cgroup<T>(cg: &std::path::Path, f: impl FnOnce() -> T) -> T {
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let rel = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .expect("cgroup v2 membership");
+    let back = cg.parent().unwrap().join(rel.trim_start_matches('/'));
+    std::fs::write(cg.join("cgroup.procs"), b"0").unwrap();
+    let r = f();
+    std::fs::write(back.join("cgroup.procs"), b"0").unwrap();
+    r
+}
+
+fn reply_of(line: &[u8]) -> weir::serve::Reply {
+    serde_json::from_slice(line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+}
+
+/// A connected UDP socket (a resolver's socket to CoreDNS) or a TCP connection that the
+/// connect hook pointed at a backend would keep talking to it after it is removed, since
+/// no packet of it passes the per-packet path: the agent destroys those sockets (their
+/// owner sees ECONNABORTED and reconnects), and only those: sockets to the backend that
+/// remains keep working.
+#[test]
+fn sockets_connected_to_a_removed_backend_are_destroyed() {
+    use std::{
+        io::{BufRead, BufReader, Write},
+        net::{TcpStream, UdpSocket},
+    };
+    let mut m = mini();
+    let cg = m.cgroup.as_ref().unwrap().path.clone();
+    let ns = m.pod("client").ns.name.clone();
+    let dns: SocketAddr = format!("{VIP}:53").parse().unwrap();
+    let http: SocketAddr = format!("{VIP}:80").parse().unwrap();
+    // Enough sockets that both backends have some of each kind.
+    let (udps, tcps) = in_cgroup(&cg, || {
+        weir::netns::in_netns(&ns, move || {
+            let u: Vec<UdpSocket> = (0..12)
+                .map(|_| {
+                    let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+                    s.connect(dns).unwrap();
+                    s
+                })
+                .collect();
+            let t: Vec<TcpStream> = (0..12)
+                .map(|_| TcpStream::connect_timeout(&http, Duration::from_secs(2)).unwrap())
+                .collect();
+            (u, t)
+        })
+        .unwrap()
+    });
+    let udp_server = |s: &UdpSocket| -> std::io::Result<String> {
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.send(b"q\n")?;
+        let mut buf = [0u8; 2048];
+        let n = s.recv(&mut buf)?;
+        Ok(reply_of(&buf[..n]).server)
+    };
+    let tcp_server = |s: &TcpStream| -> std::io::Result<String> {
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        (&*s).write_all(b"q\n")?;
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line)?;
+        if line.is_empty() {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(reply_of(line.as_bytes()).server)
+    };
+    let mut before = Vec::new();
+    for s in &tcps {
+        // The greeting the server sends on accept, then one request.
+        let mut line = String::new();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        BufReader::new(s).read_line(&mut line).unwrap();
+        before.push(("tcp", tcp_server(s).unwrap()));
+    }
+    for s in &udps {
+        before.push(("udp", udp_server(s).unwrap()));
+    }
+    for kind in ["tcp", "udp"] {
+        for b in ["demo/backend-1", "demo/backend-2"] {
+            assert!(
+                before.iter().any(|(k, s)| *k == kind && s == b),
+                "some {kind} socket on {b}: {before:?}"
+            );
+        }
+    }
+
+    // backend-1 leaves the EndpointSlice.
+    let path = m.dir.join("objects.yaml");
+    let yaml = std::fs::read_to_string(&path).unwrap();
+    let gone = "- addresses: [10.244.1.3]\n  conditions: {ready: true}\n  nodeName: demo-node\n  targetRef: {kind: Pod, namespace: demo, name: backend-1}\n";
+    assert_eq!(yaml.matches(gone).count(), 1, "{yaml}");
+    std::fs::write(&path, yaml.replace(gone, "")).unwrap();
+    std::fs::write(m.dir.join(weir::agent::GENERATION_FILE), "2").unwrap();
+    m.wait_programmed(2, Duration::from_secs(30)).unwrap();
+
+    // The agent destroys the sockets after the sync; the owner finds ECONNABORTED
+    // pending on them (SO_ERROR), without having to send anything.
+    let all: Vec<(&str, &String, std::os::fd::BorrowedFd)> = tcps
+        .iter()
+        .map(|s| ("tcp", std::os::fd::AsFd::as_fd(s)))
+        .chain(udps.iter().map(|s| ("udp", std::os::fd::AsFd::as_fd(s))))
+        .zip(before.iter())
+        .map(|((k, fd), (_, b))| (k, b, fd))
+        .collect();
+    let so_error = |fd: &std::os::fd::BorrowedFd| -> i32 {
+        let mut v: libc::c_int = 0;
+        let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+        let rc = unsafe {
+            libc::getsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(fd),
+                libc::SOL_SOCKET,
+                libc::SO_ERROR,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0);
+        v
+    };
+    let mut aborted = vec![false; all.len()];
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline
+        && all
+            .iter()
+            .zip(&aborted)
+            .any(|((_, b, _), a)| *b == "demo/backend-1" && !a)
+    {
+        for (i, (_, _, fd)) in all.iter().enumerate() {
+            if !aborted[i] {
+                let e = so_error(fd);
+                assert!(e == 0 || e == libc::ECONNABORTED, "unexpected error {e}");
+                aborted[i] = e == libc::ECONNABORTED;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for (i, (kind, was, _)) in all.iter().enumerate() {
+        assert_eq!(
+            aborted[i],
+            *was == "demo/backend-1",
+            "{kind} socket on {was}: destroyed iff its backend was removed"
+        );
+    }
+    // A destroyed UDP socket is unconnected: sending fails loudly instead of vanishing.
+    for (s, (_, b)) in udps.iter().zip(&before[tcps.len()..]) {
+        let r = udp_server(s);
+        if b == "demo/backend-1" {
+            let e = r.expect_err("destroyed UDP socket");
+            assert_eq!(e.raw_os_error(), Some(libc::EDESTADDRREQ), "{e}");
+        } else {
+            assert_eq!(
+                r.unwrap(),
+                "demo/backend-2",
+                "untouched socket keeps working"
+            );
+        }
+    }
+    for (s, (_, b)) in tcps.iter().zip(&before) {
+        if b == "demo/backend-2" {
+            assert_eq!(tcp_server(s).unwrap(), "demo/backend-2");
+        } else {
+            assert!(tcp_server(s).is_err(), "destroyed TCP socket");
+        }
+    }
+    // New sockets reach the remaining backend.
+    let r = m.probe("client", dns, true, true).unwrap();
+    assert_eq!(r.reply.unwrap().server, "demo/backend-2");
+}

@@ -73,6 +73,8 @@ pub struct AgentConfig {
     pub sync: LoopConfig,
     /// cgroup v2 directory whose sockets get socket-level load balancing (None: off).
     pub cgroup: Option<PathBuf>,
+    /// Conntrack sweep interval.
+    pub ct_gc_interval: Duration,
 }
 
 /// Timing and settings of the sync loop.
@@ -333,16 +335,24 @@ pub fn spawn_dir_source(
         .context("starting the directory source thread")
 }
 
-/// The housekeeping of the real agent: attach to new interfaces, forget vanished ones.
+/// The housekeeping of the real agent: attach to new interfaces, forget vanished ones;
+/// after a sync that changed the maps, have the GC thread look for sockets connected to
+/// backends that are gone.
 struct AttachHooks<'a> {
     dataplane: &'a mut Dataplane,
     pod_ifaces: &'a [String],
     uplinks: &'a [String],
+    gc_kick: std::sync::mpsc::Sender<()>,
 }
 
 impl Hooks for AttachHooks<'_> {
     fn housekeeping(&mut self) {
         attach_interfaces(self.dataplane, self.pod_ifaces, self.uplinks);
+    }
+    fn synced(&mut self, _syncer: &Syncer, report: &SyncReport) {
+        if report.ops > 0 {
+            let _ = self.gc_kick.send(());
+        }
     }
 }
 
@@ -374,15 +384,33 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
     let mut store = Store::new();
     let sources = start_sources(&cfg, &mut store, tx).await?;
     attach_interfaces(&mut dataplane, &cfg.pod_ifaces, &cfg.uplinks);
+    let (gc_kick, gc_rx) = std::sync::mpsc::channel();
+    let gc_counters = std::sync::Arc::new(crate::datapath::gc::GcCounters::default());
+    let gc = crate::datapath::gc::spawn(
+        crate::datapath::gc::GcConfig {
+            pin_dir: cfg.pin_dir.clone(),
+            cgroup: cfg.cgroup.clone(),
+            ct_interval: cfg.ct_gc_interval,
+            socket_min_interval: Duration::from_millis(200),
+        },
+        gc_rx,
+        gc_counters.clone(),
+    )
+    .context("starting the GC thread")?;
     let mut hooks = AttachHooks {
         dataplane: &mut dataplane,
         pod_ifaces: &cfg.pod_ifaces,
         uplinks: &cfg.uplinks,
+        gc_kick,
     };
     let syncer = run_loop(sync, store, rx, &mut dp, adopted, &mut hooks, shutdown).await;
+    drop(hooks);
+    let _ = gc.join();
     info!(
         syncs = syncer.counters.syncs,
         ops = syncer.counters.ops_applied,
+        ct_deleted = gc_counters.ct_deleted.load(Ordering::Relaxed),
+        sockets_destroyed = gc_counters.sockets_destroyed.load(Ordering::Relaxed),
         watch_errors = sources.kube.errors.load(Ordering::Relaxed),
         "stopping"
     );

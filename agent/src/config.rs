@@ -170,6 +170,10 @@ pub struct AgentOptions {
     /// Longest a change waits while changes keep arriving, in ms [default: 1000].
     #[arg(long, help_heading = "Sync")]
     pub max_delay_ms: Option<u64>,
+    /// How often idle conntrack entries are swept, in ms [default: 10000]. Sockets
+    /// connected by socket LB to a removed backend are destroyed after every sync.
+    #[arg(long, help_heading = "Sync")]
+    pub ct_gc_interval_ms: Option<u64>,
 
     /// Enter this network namespace (by name, /run/netns) before starting.
     #[arg(long)]
@@ -224,6 +228,7 @@ impl AgentOptions {
             poll_ms: self.poll_ms.or(file.poll_ms),
             debounce_ms: self.debounce_ms.or(file.debounce_ms),
             max_delay_ms: self.max_delay_ms.or(file.max_delay_ms),
+            ct_gc_interval_ms: self.ct_gc_interval_ms.or(file.ct_gc_interval_ms),
             netns: self.netns.or(file.netns),
             log_level: self.log_level.or(file.log_level),
             log_format: self.log_format.or(file.log_format),
@@ -324,6 +329,7 @@ impl AgentOptions {
                 housekeeping: poll,
             },
             cgroup: self.cgroup,
+            ct_gc_interval: ms(self.ct_gc_interval_ms.unwrap_or(10_000).max(100)),
             node_name,
         })
     }

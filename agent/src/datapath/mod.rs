@@ -11,8 +11,10 @@
 //! size, type and capacity still match this build) and swaps its freshly loaded programs
 //! into the pinned links atomically (`bpf_link_update`), so traffic never sees a gap.
 
+pub mod gc;
 pub mod maps;
 mod pins;
+pub mod sockdiag;
 
 use std::{
     collections::BTreeMap,
