@@ -240,15 +240,37 @@ fn reply_admitted(w: &Work, e: *const CtEntry, hook_dir: u8) -> bool {
 
 /// NetworkPolicy with conntrack for a packet that is not translated at this hook (its
 /// tuple is the connection's), from or to a pod isolated in some direction (`w.iso`):
-/// a reply of an admitted connection passes (`check_reply`; `ingress` checks replies
-/// itself); a packet of a connection already admitted in `dir` passes; anything else is
-/// a new connection (a TCP segment without SYN included: it is no reply of anything
-/// admitted) and gets `dir`'s decision, which is recorded in the FLOW entry (created
-/// here if none), so that later packets and the replies pass without lookups.
+/// a packet of a connection already admitted in `dir` passes (looked up first: the
+/// common case); a reply of a connection admitted the other way passes
+/// (`check_reply`; `ingress` checks replies itself); anything else is a new connection
+/// (a TCP segment without SYN included: it is no reply of anything admitted) and gets
+/// `dir`'s decision, which is recorded in the FLOW entry (created here if none), so that
+/// later packets and the replies pass without policy lookups.
 #[inline(never)]
 fn flow_policy(w: &mut Work, dir: u8, check_reply: bool) -> Out {
     let egress = dir == DIR_EGRESS;
     let now = ct::now_ns();
+    let mine = if egress {
+        CT_F_EGRESS_OK
+    } else {
+        CT_F_INGRESS_OK
+    };
+    // Entries another hook of this node keeps are not touched twice per packet.
+    let keep_state = |flags: u16| egress || flags & CT_F_TO_POD != 0;
+    ct::set_key(&mut w.key, &w.pkt, CT_KIND_FLOW);
+    let fwd = match ct::lookup(&w.key) {
+        Some(e) if !ct::is_stale(e, &w.pkt, now) => Some(e),
+        _ => None,
+    };
+    if let Some(e) = fwd {
+        let flags = unsafe { (*e).flags };
+        if flags & mine != 0 {
+            if keep_state(flags) {
+                ct::touch(e, &w.pkt, false, now);
+            }
+            return Out::OK;
+        }
+    }
     if check_reply {
         ct::set_reply_key(&mut w.key, &w.pkt, CT_KIND_FLOW);
         if let Some(e) = ct::lookup(&w.key)
@@ -271,33 +293,24 @@ fn flow_policy(w: &mut Work, dir: u8, check_reply: bool) -> Out {
             }
         }
     }
-    let mine = if egress {
-        CT_F_EGRESS_OK
-    } else {
-        CT_F_INGRESS_OK
-    };
-    ct::set_key(&mut w.key, &w.pkt, CT_KIND_FLOW);
     policy::set_tuple(w);
-    if let Some(e) = ct::lookup(&w.key)
-        && !ct::is_stale(e, &w.pkt, now)
-    {
+    if let Some(e) = fwd {
+        // Tracked, but not yet admitted in this direction (another hook of this node
+        // made the entry, or this pod became isolated since).
         let flags = unsafe { (*e).flags };
-        if flags & mine == 0 {
-            if flags & CT_F_DNAT != 0 {
-                // Translated at another hook of this node: name the frontend too.
-                unsafe {
-                    w.event.orig_dst = (*e).nat_dst;
-                    w.event.orig_dport_be = (*e).nat_dport_be;
-                }
+        if flags & CT_F_DNAT != 0 {
+            // Translated at another hook of this node: name the frontend too.
+            unsafe {
+                w.event.orig_dst = (*e).nat_dst;
+                w.event.orig_dport_be = (*e).nat_dport_be;
             }
-            let r = policy::decide(w, dir);
-            if r != 0 {
-                return Out::drop(r);
-            }
-            unsafe { (*e).flags |= mine };
         }
-        // Entries another hook of this node keeps are not touched twice per packet.
-        if egress || flags & CT_F_TO_POD != 0 {
+        let r = policy::decide(w, dir);
+        if r != 0 {
+            return Out::drop(r);
+        }
+        unsafe { (*e).flags |= mine };
+        if keep_state(flags) {
             ct::touch(e, &w.pkt, false, now);
         }
         return Out::OK;
@@ -308,6 +321,7 @@ fn flow_policy(w: &mut Work, dir: u8, check_reply: bool) -> Out {
     }
     ct::init_entry(&mut w.ct, &w.pkt, now);
     w.ct.flags |= mine | if egress { 0 } else { CT_F_TO_POD };
+    ct::set_key(&mut w.key, &w.pkt, CT_KIND_FLOW);
     if ct::insert(&w.key, &w.ct).is_err() {
         return Out::drop(REASON_CT_FULL);
     }
