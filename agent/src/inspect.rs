@@ -1641,6 +1641,22 @@ mod tests {
             "policy.json",
             &(serde_json::to_string_pretty(&views).unwrap() + "\n"),
         );
+        // `weir explain`'s policy step on the same maps: allowed, denied at the
+        // destination's ingress, denied at the source's egress (isolated, no rules).
+        let ex: Vec<Explanation> = [
+            ("10.244.1.11", "10.244.1.10"),
+            ("10.244.1.12", "10.244.1.10"),
+            ("10.244.1.13", "10.244.1.10"),
+        ]
+        .iter()
+        .map(|(f, t)| explain_view(&img, ip(f), ip(t), 5432, proto::TCP, true))
+        .collect();
+        golden(
+            "explain-policy.txt",
+            &ex.iter().map(explain_text).collect::<Vec<_>>().join("\n"),
+        );
+        let verdicts: Vec<&str> = ex.iter().map(|e| e.verdict).collect();
+        assert_eq!(verdicts, ["forwarded", "dropped", "dropped"]);
         // The facts the text shows, independently of the golden file.
         assert!(views[0].ingress.isolated && !views[0].egress.isolated);
         assert_eq!(views[0].ingress.rules.len(), 1, "{:?}", views[0].ingress);
