@@ -972,7 +972,10 @@ pub fn explain_view(
 fn outcome_text(img: &MapImage, o: Outcome, dir: Direction) -> String {
     let label = |id| rule_label(img, id).0;
     match o {
-        Outcome::NoEndpoint => "not a pod of this node (its own node enforces)".into(),
+        Outcome::NoEndpoint => {
+            "no policy state on this node (not a local pod, or no policy selects it): allowed here"
+                .into()
+        }
         Outcome::NotIsolated => "not isolated: allowed".into(),
         Outcome::SamePod => "the pod itself: allowed".into(),
         Outcome::LocalNode => "from this node: allowed".into(),
