@@ -882,7 +882,7 @@ fn matrix_probes_every_pair_at_once() {
 
 /// The README's first command: builds examples/demo, probes, explains, cleans up.
 #[test]
-fn demo_shows_cluster_ip_balancing_and_cleans_up() {
+fn demo_shows_cluster_ip_balancing_policy_and_cleans_up() {
     support::require_root();
     let lab = TestLab::named();
     let d = lab_cmd(&["demo", "--name", &lab.name]).unwrap();
@@ -902,6 +902,17 @@ fn demo_shows_cluster_ip_balancing_and_cleans_up() {
     );
     assert_eq!(steps[0]["matchesExpectation"], true, "{}", steps[0]);
     assert_eq!(steps[2]["matchesExpectation"], true, "{}", steps[2]);
+    // NetworkPolicy enforced: the intruder's packets dropped and counted by the datapath.
+    assert_eq!(steps[3]["matchesExpectation"], true, "{}", steps[3]);
+    assert_eq!(steps[3]["probe"]["connected"], 0, "{}", steps[3]);
+    assert!(
+        steps[3]["observed"]
+            .as_str()
+            .unwrap()
+            .contains("counted as policy-denied"),
+        "{}",
+        steps[3]
+    );
     assert_eq!(lab.leftovers(), Vec::<String>::new());
 }
 

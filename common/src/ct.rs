@@ -73,6 +73,10 @@ pub const CT_F_EGRESS_OK: u16 = 1 << 6;
 pub const CT_F_INGRESS_OK: u16 = 1 << 7;
 /// The flow was opened by a TCP SYN (so state tracking applies).
 pub const CT_F_SYN: u16 = 1 << 8;
+/// Created by `tc_to_pod` (a flow into an isolated pod that no other hook of this node
+/// tracks): that hook keeps its timestamps and counters. Entries other hooks created are
+/// only marked there (`CT_F_INGRESS_OK`), so that a packet is counted once per node.
+pub const CT_F_TO_POD: u16 = 1 << 9;
 
 #[repr(C)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]

@@ -23,6 +23,10 @@ pub const ENDPOINTS: &str = "ENDPOINTS";
 pub const POLICY: &str = "POLICY";
 pub const POLICY_RULES: &str = "POLICY_RULES";
 pub const POLICY_COUNTERS: &str = "POLICY_COUNTERS";
+/// LRU of fragmented datagrams (first fragment's verdict and ports). Not pinned: entries
+/// live for the milliseconds a datagram takes to arrive, so a restart may drop them.
+pub const FRAGS: &str = "FRAGS";
+pub const FRAGS_MAX: u32 = 8192;
 
 pub const DEFAULT_SERVICES_MAX: u32 = 65536;
 pub const DEFAULT_BACKENDS_MAX: u32 = 65536;

@@ -284,7 +284,54 @@ crate::assert_layout!(
     orig_dst = 72
 );
 
+/// `FRAGS` key: one IP datagram being fragmented, as seen at one hook. Later fragments
+/// carry no transport header, so the verdict the first fragment got (and its ports) is
+/// kept here and applied to the rest of the datagram (Cilium's IPV4_FRAG_DATAGRAMS_MAP
+/// idea). Keyed by the addresses, protocol and IP identification as the packet arrived
+/// at the hook (before any translation), and the hook's direction, since one datagram
+/// can meet the source's egress and the destination's ingress on one node.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Default)]
+pub struct FragKey {
+    pub src: Addr,
+    pub dst: Addr,
+    /// IPv4 identification (16 bits, host order) or IPv6 fragment header identification
+    /// (32 bits, host order).
+    pub id: u32,
+    pub proto: u8,
+    /// `metrics::DIR_*` of the hook.
+    pub direction: u8,
+    pub pad: [u8; 2],
+}
+crate::assert_layout!(
+    FragKey,
+    size = 40,
+    dst = 16,
+    id = 32,
+    proto = 36,
+    direction = 37
+);
+
+/// `FRAGS` value: what the first fragment got.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Default)]
+pub struct FragValue {
+    pub sport_be: u16,
+    pub dport_be: u16,
+    /// [`FRAG_ALLOWED`] or [`FRAG_DROPPED`].
+    pub verdict: u8,
+    /// For drops: the `metrics::REASON_*` the first fragment was dropped for.
+    pub reason: u8,
+    pub pad: [u8; 2],
+}
+crate::assert_layout!(FragValue, size = 8, verdict = 4, reason = 5);
+
+pub const FRAG_ALLOWED: u8 = 1;
+pub const FRAG_DROPPED: u8 = 2;
+
 crate::impl_pod!(
+    FragKey,
+    FragValue,
     IpcacheValue,
     EndpointValue,
     PolicyKey,

@@ -17,13 +17,15 @@ use aya_ebpf::{
 };
 use weir_common::{Addr, ct::*, lb::*, metrics::*};
 
+use weir_common::policy::{EP_F_EGRESS_ISOLATED, EP_F_INGRESS_ISOLATED};
+
 use crate::{
     ct, fwd, icmp, lb,
     maps::{CONFIG, NODE_ADDRS, WORK, Work},
     metrics::count,
     nat::{self, End},
-    parse::{self, FRAG_LATER, TCP_SYN},
-    reject,
+    parse::{self, FRAG_FIRST, FRAG_LATER, FRAG_NONE, TCP_SYN},
+    policy, reject,
 };
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -100,31 +102,54 @@ pub fn handle(ctx: &TcContext, hook: Hook) -> i32 {
             return TC_ACT_OK;
         }
     }
-    if w.pkt.frag == FRAG_LATER || hook == Hook::ToPod {
-        count(REASON_FORWARDED, hook.dir(), w.pkt.len);
-        return TC_ACT_OK;
-    }
+    // Set only by a stage that translated the packet onto another route (fwd.rs).
     w.redirect = 0;
-    if !w.pkt.has_ports() {
-        // An ICMP error about a translated flow is translated back like a reply.
-        let ty: u8 = ctx.load(w.pkt.l4_off).unwrap_or(255);
-        if icmp::is_error(&w.pkt, ty) && icmp::reverse_error(ctx, w) == Ok(true) {
-            count(REASON_REV_TRANSLATED, hook.dir(), w.pkt.len);
-            if w.redirect != 0 {
-                return fwd::redirect(ctx, w);
-            }
-        } else {
-            count(REASON_FORWARDED, hook.dir(), w.pkt.len);
-        }
-        return TC_ACT_OK;
+    policy::reset(w);
+    if w.pkt.frag != FRAG_NONE {
+        policy::set_frag_key(w, hook.dir());
     }
     w.ports_in = nat::ports_word(w.pkt.sport_be, w.pkt.dport_be);
     w.ports_out = w.ports_in;
-    let o = if hook == Hook::UplinkOut {
-        node_egress(ctx, w)
+    let o = if hook == Hook::ToPod {
+        to_pod(ctx, w)
+    } else if hook == Hook::UplinkOut {
+        // The node's own packets: no pod policy applies; only frontends are translated
+        // (and ICMP errors about translated flows translated back).
+        w.iso = 0;
+        if w.pkt.frag == FRAG_LATER {
+            count(REASON_FORWARDED, DIR_EGRESS, w.pkt.len);
+            Out::OK
+        } else if !w.pkt.has_ports() {
+            portless(ctx, w, false, DIR_EGRESS)
+        } else {
+            node_egress(ctx, w)
+        }
     } else {
-        ingress(ctx, w, hook == Hook::FromPod)
+        let from_pod = hook == Hook::FromPod;
+        // The source pod's isolation (one hash lookup; NetworkPolicy egress).
+        if from_pod {
+            policy::endpoint(w, true);
+        } else {
+            w.iso = 0;
+        }
+        if w.pkt.frag == FRAG_LATER {
+            if w.iso != 0 {
+                later_fragment(w, hook.dir())
+            } else {
+                count(REASON_FORWARDED, hook.dir(), w.pkt.len);
+                Out::OK
+            }
+        } else if !w.pkt.has_ports() {
+            portless(ctx, w, from_pod, hook.dir())
+        } else {
+            ingress(ctx, w, from_pod)
+        }
     };
+    // The rest of a fragmented datagram follows its first fragment's verdict (only
+    // where policy applies: elsewhere later fragments pass as they always did).
+    if w.pkt.frag == FRAG_FIRST && w.iso != 0 {
+        policy::record_first_fragment(w, if o.kind() == OUT_OK { 0 } else { o.reason() });
+    }
     match o.kind() {
         OUT_OK => {
             // SCTP's CRC32c is fixed here, once, rather than inside every stage: the
@@ -151,14 +176,188 @@ pub fn handle(ctx: &TcContext, hook: Hook) -> i32 {
     }
 }
 
+/// Packets about to enter a pod: the destination pod's ingress policy. Service
+/// translation and reverse translation happened at the first hook of this node that saw
+/// the packet, so the tuple here is the connection's as the pod sees it.
+#[inline(never)]
+fn to_pod(ctx: &TcContext, w: &mut Work) -> Out {
+    if policy::endpoint(w, false) == 0 {
+        // Not a pod of this node, or isolated in neither direction: one lookup, nothing
+        // tracked (its replies need no admission either).
+        count(REASON_FORWARDED, DIR_INGRESS, w.pkt.len);
+        return Out::OK;
+    }
+    if w.pkt.frag == FRAG_LATER {
+        return later_fragment(w, DIR_INGRESS);
+    }
+    if !w.pkt.has_ports() {
+        let ty: u8 = ctx.load(w.pkt.l4_off).unwrap_or(255);
+        if icmp::is_error(&w.pkt, ty) && icmp::related(ctx, w) {
+            count(REASON_FORWARDED, DIR_INGRESS, w.pkt.len);
+            return Out::OK;
+        }
+    }
+    stage!(flow_policy(w, DIR_INGRESS, true));
+    count(REASON_FORWARDED, DIR_INGRESS, w.pkt.len);
+    Out::OK
+}
+
+/// Packets without ports leaving a pod or entering the node: the source pod's egress
+/// policy (ICMP errors pass with the connection they quote; other protocols are
+/// connections of their own, looked up with port 0), then ICMP errors about translated
+/// flows are translated back like replies.
+#[inline(never)]
+fn portless(ctx: &TcContext, w: &mut Work, from_pod: bool, dir: u8) -> Out {
+    let ty: u8 = ctx.load(w.pkt.l4_off).unwrap_or(255);
+    let err = icmp::is_error(&w.pkt, ty);
+    // Policy sees the error as the pod sent it (quoting the flow as on the wire here).
+    if from_pod && w.iso != 0 && !(err && icmp::related(ctx, w)) {
+        stage!(flow_policy(w, DIR_EGRESS, true));
+    }
+    let reason = if err && icmp::reverse_error(ctx, w) == Ok(true) {
+        REASON_REV_TRANSLATED
+    } else {
+        REASON_FORWARDED
+    };
+    count(reason, dir, w.pkt.len);
+    Out::OK
+}
+
+/// A later fragment of a datagram from or to an isolated pod: its first fragment's
+/// verdict; dropped when that is unknown (no decision exists for it).
+#[inline(always)]
+fn later_fragment(w: &mut Work, dir: u8) -> Out {
+    let reason = policy::later_fragment(w).unwrap_or(REASON_FRAGMENT);
+    if reason == 0 {
+        count(REASON_FORWARDED, dir, w.pkt.len);
+        return Out::OK;
+    }
+    policy::set_tuple(w);
+    if reason == REASON_POLICY_DENIED || reason == REASON_POLICY_ISOLATED {
+        w.event.kind = weir_common::policy::EVENT_POLICY_DROP;
+        w.event.direction = dir;
+        w.event.reason = reason;
+    }
+    Out::drop(reason)
+}
+
+/// Whether a packet that is a reply of the tracked flow `e` is admitted at this hook: the
+/// flow was admitted into (`tc_from_pod`: the pod answers a connection it accepted) or
+/// out of (`tc_to_pod`: the pod gets answers to a connection it opened) the local pod by
+/// its policy for that direction, or the pod is not isolated for that direction.
+/// Replies of an admitted connection pass whatever either side's policy says now.
+#[inline(always)]
+fn reply_admitted(w: &Work, e: *const CtEntry, hook_dir: u8) -> bool {
+    let flags = unsafe { (*e).flags };
+    let (need, iso) = if hook_dir == DIR_EGRESS {
+        (CT_F_INGRESS_OK, EP_F_INGRESS_ISOLATED)
+    } else {
+        (CT_F_EGRESS_OK, EP_F_EGRESS_ISOLATED)
+    };
+    flags & need != 0 || w.iso & iso == 0
+}
+
+/// NetworkPolicy with conntrack for a packet that is not translated at this hook (its
+/// tuple is the connection's), from or to a pod isolated in some direction (`w.iso`):
+/// a packet of a connection already admitted in `dir` passes (looked up first: the
+/// common case); a reply of a connection admitted the other way passes
+/// (`check_reply`; `ingress` checks replies itself); anything else is a new connection
+/// (a TCP segment without SYN included: it is no reply of anything admitted) and gets
+/// `dir`'s decision, which is recorded in the FLOW entry (created here if none), so that
+/// later packets and the replies pass without policy lookups.
+#[inline(never)]
+fn flow_policy(w: &mut Work, dir: u8, check_reply: bool) -> Out {
+    let egress = dir == DIR_EGRESS;
+    let now = ct::now_ns();
+    let mine = if egress {
+        CT_F_EGRESS_OK
+    } else {
+        CT_F_INGRESS_OK
+    };
+    // Entries another hook of this node keeps are not touched twice per packet.
+    let keep_state = |flags: u16| egress || flags & CT_F_TO_POD != 0;
+    ct::set_key(&mut w.key, &w.pkt, CT_KIND_FLOW);
+    let fwd = match ct::lookup(&w.key) {
+        Some(e) if !ct::is_stale(e, &w.pkt, now) => Some(e),
+        _ => None,
+    };
+    if let Some(e) = fwd {
+        let flags = unsafe { (*e).flags };
+        if flags & mine != 0 {
+            if keep_state(flags) {
+                ct::touch(e, &w.pkt, false, now);
+            }
+            return Out::OK;
+        }
+    }
+    if check_reply {
+        ct::set_reply_key(&mut w.key, &w.pkt, CT_KIND_FLOW);
+        if let Some(e) = ct::lookup(&w.key)
+            && reply_admitted(w, e, dir)
+        {
+            if egress {
+                // The first hook of this node to see the reply keeps the state.
+                ct::touch(e, &w.pkt, true, now);
+            }
+            return Out::OK;
+        }
+        // A reply translated back to the frontend at an earlier hook: the client's SVC
+        // entry (keyed by what the client sent) is the connection.
+        if !egress && w.pkt.has_ports() {
+            w.key.kind = CT_KIND_SVC;
+            if let Some(e) = ct::lookup(&w.key)
+                && reply_admitted(w, e, dir)
+            {
+                return Out::OK;
+            }
+        }
+    }
+    policy::set_tuple(w);
+    if let Some(e) = fwd {
+        // Tracked, but not yet admitted in this direction (another hook of this node
+        // made the entry, or this pod became isolated since).
+        let flags = unsafe { (*e).flags };
+        if flags & CT_F_DNAT != 0 {
+            // Translated at another hook of this node: name the frontend too.
+            unsafe {
+                w.event.orig_dst = (*e).nat_dst;
+                w.event.orig_dport_be = (*e).nat_dport_be;
+            }
+        }
+        let r = policy::decide(w, dir);
+        if r != 0 {
+            return Out::drop(r);
+        }
+        unsafe { (*e).flags |= mine };
+        if keep_state(flags) {
+            ct::touch(e, &w.pkt, false, now);
+        }
+        return Out::OK;
+    }
+    let r = policy::decide(w, dir);
+    if r != 0 {
+        return Out::drop(r);
+    }
+    ct::init_entry(&mut w.ct, &w.pkt, now);
+    w.ct.flags |= mine | if egress { 0 } else { CT_F_TO_POD };
+    ct::set_key(&mut w.key, &w.pkt, CT_KIND_FLOW);
+    if ct::insert(&w.key, &w.ct).is_err() {
+        return Out::drop(REASON_CT_FULL);
+    }
+    Out::OK
+}
+
 /// Packets entering the node's forwarding path (from a pod, or from an uplink).
 #[inline(never)]
 fn ingress(ctx: &TcContext, w: &mut Work, from_pod: bool) -> Out {
     let dir = if from_pod { DIR_EGRESS } else { DIR_INGRESS };
 
-    // 1. A reply of a tracked flow? Reverse its translation.
+    // 1. A reply of a tracked flow? Reverse its translation. From a pod, only if the
+    //    flow was admitted into that pod (else it is no reply: a new connection).
     ct::set_reply_key(&mut w.key, &w.pkt, CT_KIND_FLOW);
-    if let Some(e) = ct::lookup(&w.key) {
+    if let Some(e) = ct::lookup(&w.key)
+        && (!from_pod || reply_admitted(w, e, DIR_EGRESS))
+    {
         ct::touch(e, &w.pkt, true, ct::now_ns());
         if unsafe { (*e).flags } & CT_F_DNAT != 0 {
             stage!(reverse(ctx, w, e));
@@ -169,7 +368,8 @@ fn ingress(ctx: &TcContext, w: &mut Work, from_pod: bool) -> Out {
         return Out::OK;
     }
 
-    // 2. Addressed to a Service frontend? Translate.
+    // 2. Addressed to a Service frontend? Translate (the source pod's egress policy is
+    //    checked there, on the backend).
     if lb::lookup_frontend(w) {
         stage!(service(ctx, w, from_pod));
         count(REASON_TRANSLATED, dir, w.pkt.len);
@@ -188,6 +388,10 @@ fn ingress(ctx: &TcContext, w: &mut Work, from_pod: bool) -> Out {
         return Out::drop(REASON_UNALLOCATED_SERVICE_IP);
     }
 
+    // 3. The source pod's egress policy.
+    if from_pod && w.iso != 0 {
+        stage!(flow_policy(w, DIR_EGRESS, false));
+    }
     count(REASON_FORWARDED, dir, w.pkt.len);
     Out::OK
 }
@@ -255,6 +459,10 @@ fn service(ctx: &TcContext, w: &mut Work, from_pod: bool) -> Out {
     w.nat_src = w.pkt.src;
     w.nat_sport_be = w.pkt.sport_be;
     let mut kept = false;
+    // NetworkPolicy applies to pods' egress only (`tc_uplink_in`: ingress is checked at
+    // the destination pod's veth); a connection whose SVC entry records the egress
+    // verdict keeps it.
+    let mut admitted = !from_pod;
     if let Some(e) = ct::lookup(&w.key)
         && !ct::is_stale(e, &w.pkt, now)
     {
@@ -290,12 +498,34 @@ fn service(ctx: &TcContext, w: &mut Work, from_pod: bool) -> Out {
                 }
             }
             kept = true;
+            admitted |= unsafe { (*e).flags } & CT_F_EGRESS_OK != 0;
         }
     }
     if !kept {
         stage!(choose(w, from_pod));
+    }
+    // The source pod's egress policy, on the backend: rules name the backend pod and
+    // its target port (docs/upstream-netpol.md §5.1).
+    let ok = if from_pod { CT_F_EGRESS_OK } else { 0 };
+    if !admitted {
+        w.event.src = w.pkt.src;
+        w.event.dst = w.be.addr;
+        w.event.sport_be = w.pkt.sport_be;
+        w.event.dport_be = w.be.port_be;
+        w.event.proto = w.pkt.proto;
+        w.event.orig_dst = w.pkt.dst;
+        w.event.orig_dport_be = w.pkt.dport_be;
+        let r = policy::decide(w, DIR_EGRESS);
+        if r != 0 {
+            return Out::drop(r);
+        }
+        if kept && let Some(e) = ct::lookup(&w.key) {
+            unsafe { (*e).flags |= ok };
+        }
+    }
+    if !kept {
         ct::init_entry(&mut w.ct, &w.pkt, now);
-        w.ct.flags |= CT_F_DNAT | if w.snat != 0 { CT_F_SNAT } else { 0 };
+        w.ct.flags |= ok | CT_F_DNAT | if w.snat != 0 { CT_F_SNAT } else { 0 };
         w.ct.nat_src = w.nat_src;
         w.ct.nat_sport_be = w.nat_sport_be;
         w.ct.nat_dst = w.be.addr;
@@ -307,14 +537,15 @@ fn service(ctx: &TcContext, w: &mut Work, from_pod: bool) -> Out {
             return Out::drop(REASON_CT_FULL);
         }
     }
-    track_and_rewrite(ctx, w, now)
+    track_and_rewrite(ctx, w, now, ok)
 }
 
 /// Tracks the flow as it will be on the wire (so replies find their way back: a reply
 /// gets source := the frontend the client used and, if masqueraded, destination := the
-/// client), then rewrites the packet.
+/// client), then rewrites the packet. `ok` is the policy flag the connection earned at
+/// this hook (`CT_F_EGRESS_OK` from a pod).
 #[inline(never)]
-fn track_and_rewrite(ctx: &TcContext, w: &mut Work, now: u64) -> Out {
+fn track_and_rewrite(ctx: &TcContext, w: &mut Work, now: u64, ok: u16) -> Out {
     w.key = CtKey {
         src: w.nat_src,
         dst: w.be.addr,
@@ -327,13 +558,14 @@ fn track_and_rewrite(ctx: &TcContext, w: &mut Work, now: u64) -> Out {
     let fresh = match ct::lookup(&w.key) {
         Some(e) if !ct::is_stale(e, &w.pkt, now) => {
             ct::touch(e, &w.pkt, false, now);
+            unsafe { (*e).flags |= ok };
             false
         }
         _ => true,
     };
     if fresh {
         ct::init_entry(&mut w.ct, &w.pkt, now);
-        w.ct.flags |= CT_F_DNAT | if w.snat != 0 { CT_F_SNAT } else { 0 };
+        w.ct.flags |= ok | CT_F_DNAT | if w.snat != 0 { CT_F_SNAT } else { 0 };
         w.ct.nat_src = w.pkt.src;
         w.ct.nat_sport_be = w.pkt.sport_be;
         w.ct.nat_dst = w.pkt.dst;

@@ -120,6 +120,36 @@ fn parse_inner(ctx: &TcContext, pkt: &Pkt) -> Option<Inner> {
     })
 }
 
+/// Whether an ICMP error quotes a packet of a tracked connection, so that NetworkPolicy
+/// lets it pass with that connection: the quoted tuple is a `FLOW` entry in either
+/// direction (an error about a packet the pod sent, or about one it received), or, for an
+/// error already translated back to the frontend, the client's `SVC` entry.
+#[inline(never)]
+pub fn related(ctx: &TcContext, w: &mut Work) -> bool {
+    let Some(inner) = parse_inner(ctx, &w.pkt) else {
+        return false;
+    };
+    w.key = CtKey {
+        src: inner.src,
+        dst: inner.dst,
+        sport_be: inner.sport_be,
+        dport_be: inner.dport_be,
+        proto: inner.proto,
+        kind: CT_KIND_FLOW,
+        pad: [0; 2],
+    };
+    if ct::lookup(&w.key).is_some() {
+        return true;
+    }
+    w.key.kind = CT_KIND_SVC;
+    if ct::lookup(&w.key).is_some() {
+        return true;
+    }
+    w.key = w.key.reversed();
+    w.key.kind = CT_KIND_FLOW;
+    ct::lookup(&w.key).is_some()
+}
+
 /// Translates an ICMP error about a translated flow; `Ok(true)` if it was one.
 #[inline(never)]
 pub fn reverse_error(ctx: &TcContext, w: &mut Work) -> Result<bool, ()> {

@@ -6,6 +6,7 @@
 //! - `lb`: frontend lookup and backend selection.
 //! - `nat`: header rewrites with checksum updates.
 //! - `metrics`: per-CPU counters.
+//! - `policy`: NetworkPolicy lookups (identity, policy entries, counters, fragments).
 //! - `reject`: TCP RST / ICMP port unreachable generated in place.
 //! - `fwd`: forwarding of translated packets whose source became a node address.
 //! - `icmp`: ICMP errors about translated flows, translated back.
@@ -32,6 +33,8 @@ mod metrics;
 mod nat;
 #[cfg(target_arch = "bpf")]
 mod parse;
+#[cfg(target_arch = "bpf")]
+mod policy;
 #[cfg(target_arch = "bpf")]
 mod reject;
 #[cfg(target_arch = "bpf")]

@@ -16,7 +16,10 @@ use weir_common::{
     },
     maps::*,
     metrics::{Counter, REASON_MAX},
-    policy::{EndpointValue, IpcacheValue, PolicyKey, PolicyValue, RuleInfo},
+    policy::{
+        EndpointValue, FragKey, FragValue, IpcacheValue, PolicyEvent, PolicyKey, PolicyValue,
+        RuleInfo,
+    },
     sock::{SockRevKey, SockRevValue},
 };
 
@@ -49,6 +52,14 @@ pub static CONFIG: Array<NodeConfig> = Array::pinned(1, 0);
 /// Every field is written before it is read within one packet.
 #[repr(C)]
 pub struct Work {
+    /// The policy decision of this packet: its input (the connection as policy sees it:
+    /// after Service translation, with the original destination) and, when policy
+    /// dropped the packet, `kind == EVENT_POLICY_DROP` with direction, reason, policy key,
+    /// remote identity and rule id. `kind` is 0 for every packet policy did not drop
+    /// (`flow::handle` clears it first). A drop-event emitter copies this, adding the
+    /// timestamp, interface and length. First field, so that tests can read it from
+    /// userspace at offset 0 (`weir::testing::prog::ProgHarness::decisions`).
+    pub event: PolicyEvent,
     pub pkt: Pkt,
     /// Conntrack key being looked up or inserted.
     pub key: CtKey,
@@ -78,6 +89,17 @@ pub struct Work {
     /// the entry point forwards the packet itself (`fwd::redirect`).
     pub redirect: u32,
     pub range_key: Key<SourceRangeKey>,
+    /// NetworkPolicy (see `policy`): the `EP_F_*` isolation flags of this hook's local
+    /// pod (`tc_from_pod`: the source; `tc_to_pod`: the destination), 0 when it is not
+    /// isolated or not a pod of this node, and its `ENDPOINTS` value.
+    pub iso: u32,
+    pub ep: EndpointValue,
+    pub ic_key: Key<Addr>,
+    pub pol_key: Key<PolicyKey>,
+    /// A fragment's `FRAGS` key and what the first fragment carried (built from the
+    /// packet as it arrived, before any translation).
+    pub fkey: FragKey,
+    pub fval: FragValue,
 }
 
 #[map]
@@ -108,3 +130,6 @@ pub static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(DEFAULT_POL
 pub static POLICY_RULES: HashMap<u32, RuleInfo> = HashMap::pinned(DEFAULT_POLICY_RULES_MAX, 0);
 #[map]
 pub static POLICY_COUNTERS: PerCpuArray<Counter> = PerCpuArray::pinned(DEFAULT_POLICY_RULES_MAX, 0);
+/// Verdicts of fragmented datagrams (not pinned: short-lived by nature).
+#[map]
+pub static FRAGS: LruHashMap<FragKey, FragValue> = LruHashMap::with_max_entries(FRAGS_MAX, 0);

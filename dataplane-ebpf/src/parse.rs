@@ -89,6 +89,9 @@ pub struct Pkt {
     pub v6: bool,
     pub tcp_flags: u8,
     pub frag: u8,
+    /// IP identification of a fragment (IPv4: 16 bits; IPv6: the fragment header's 32),
+    /// host order; 0 when not a fragment.
+    pub frag_id: u32,
     pub len: u32,
     /// Length of the L4 segment from the IP header (the frame may carry padding).
     pub l4_len: u32,
@@ -150,16 +153,18 @@ pub fn parse(ctx: &TcContext, out: &mut Pkt) -> Result<bool, ()> {
         v6: false,
         tcp_flags: 0,
         frag: FRAG_NONE,
+        frag_id: 0,
         len: ctx.len(),
         l4_len: 0,
     };
     match eth_proto {
         ETH_P_IP => {
             let ip = ptr_at::<Ipv4Hdr>(ctx, l3_off).ok_or(())?;
-            let (vihl, frag_off, p, s, d, tot_len) = unsafe {
+            let (vihl, frag_off, id, p, s, d, tot_len) = unsafe {
                 (
                     (*ip).vihl,
                     u16::from_be((*ip).frag_off_be),
+                    u16::from_be((*ip).id_be),
                     (*ip).proto,
                     (*ip).saddr,
                     (*ip).daddr,
@@ -180,8 +185,10 @@ pub fn parse(ctx: &TcContext, out: &mut Pkt) -> Result<bool, ()> {
             pkt.dst = Addr::from_v4_raw(d);
             if frag_off & 0x1fff != 0 {
                 pkt.frag = FRAG_LATER;
+                pkt.frag_id = id as u32;
             } else if frag_off & 0x2000 != 0 {
                 pkt.frag = FRAG_FIRST;
+                pkt.frag_id = id as u32;
             }
         }
         ETH_P_IPV6 => {
@@ -217,14 +224,25 @@ pub fn parse(ctx: &TcContext, out: &mut Pkt) -> Result<bool, ()> {
                     }
                     44 => {
                         let h = ptr_at::<Ipv6FragHdr>(ctx, off).ok_or(())?;
-                        let (n, fo) = unsafe { ((*h).nexthdr, u16::from_be((*h).frag_off_be)) };
+                        let (n, fo, id) = unsafe {
+                            (
+                                (*h).nexthdr,
+                                u16::from_be((*h).frag_off_be),
+                                u32::from_be((*h).id_be),
+                            )
+                        };
                         next = n;
                         off += size_of::<Ipv6FragHdr>();
-                        pkt.frag = if fo & 0xfff8 != 0 {
-                            FRAG_LATER
-                        } else {
-                            FRAG_FIRST
-                        };
+                        // Offset (high 13 bits) non-zero: a later fragment; offset 0 with
+                        // M (bit 0) set: the first; offset 0 without M is an atomic
+                        // fragment (RFC 8200 4.5), a whole datagram.
+                        if fo & 0xfff8 != 0 {
+                            pkt.frag = FRAG_LATER;
+                            pkt.frag_id = id;
+                        } else if fo & 1 != 0 {
+                            pkt.frag = FRAG_FIRST;
+                            pkt.frag_id = id;
+                        }
                     }
                     _ => break,
                 }

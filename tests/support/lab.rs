@@ -306,3 +306,175 @@ pub fn matrix_mismatches(m: &Value, table: &str) -> Vec<String> {
     }
     bad
 }
+
+/// The x/y/z model's namespaces and pods as the model declares them (labels `pod:
+/// <letter>` only, ports 80 and 81 over TCP and UDP): what a policy case that changed
+/// labels re-applies to restore them.
+pub fn xyz_pods_and_namespaces() -> String {
+    let mut y = String::new();
+    for ns in ["x", "y", "z"] {
+        y.push_str(&xyz_namespace(ns, ""));
+        for pod in ["a", "b", "c"] {
+            y.push_str(&xyz_pod(ns, pod, &format!("{{pod: {pod}}}")));
+        }
+    }
+    y
+}
+
+/// A namespace of the model with extra labels (`key: value, ...`, may be empty).
+pub fn xyz_namespace(ns: &str, labels: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}, labels: {{{labels}}}}}\n"
+    )
+}
+
+/// A pod of the model (ports 80 and 81, TCP and UDP) with these labels (`{k: v, ...}`).
+pub fn xyz_pod(ns: &str, name: &str, labels: &str) -> String {
+    let mut containers = String::new();
+    for port in [80, 81] {
+        for proto in ["TCP", "UDP"] {
+            let lp = proto.to_lowercase();
+            containers.push_str(&format!(
+                "  - name: cont-{port}-{lp}\n    ports: [{{name: serve-{port}-{lp}, containerPort: {port}, protocol: {proto}}}]\n"
+            ));
+        }
+    }
+    format!(
+        "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {labels}}}\nspec:\n  containers:\n{containers}"
+    )
+}
+
+/// A NetworkPolicy `namespace/name` with this spec (YAML lines indented by two).
+pub fn netpol(ns: &str, name: &str, spec: &str) -> String {
+    format!(
+        "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{spec}"
+    )
+}
+
+/// A truth table with every off-diagonal cell allowed.
+pub fn all_allowed(header: &str) -> String {
+    let mut t = format!("{header} {}\n", XYZ_PODS.join(" "));
+    for p in XYZ_PODS {
+        t.push_str(&format!("{p} {}\n", [". "; 9].concat()));
+    }
+    t
+}
+
+/// One lab with the x/y/z model (examples/netpol-xyz) in which NetworkPolicy cases run
+/// one after the other: each applies its policies (and label changes), compares
+/// `weir lab matrix` with its truth tables, and the lab is reset between cases (every
+/// policy deleted, namespaces and pods back to the model). One lab per test file keeps
+/// the suite within minutes: bringing a lab up costs seconds, a case about one second
+/// per matrix with denied cells (the probe timeout).
+pub struct NetpolLab {
+    pub lab: TestLab,
+    /// `namespace/pod` -> its IPv4 address.
+    pub ips: std::collections::BTreeMap<String, String>,
+}
+
+/// A named case of a [`NetpolLab`] suite.
+pub struct Case {
+    pub name: &'static str,
+    pub run: fn(&NetpolLab),
+}
+
+impl NetpolLab {
+    pub fn up() -> NetpolLab {
+        let (lab, v) = TestLab::up_paths(&[XYZ_EXAMPLE]);
+        let ips = v["pods"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                (
+                    format!(
+                        "{}/{}",
+                        p["namespace"].as_str().unwrap(),
+                        p["name"].as_str().unwrap()
+                    ),
+                    p["ips"][0].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        NetpolLab { lab, ips }
+    }
+
+    pub fn ip(&self, pod: &str) -> &str {
+        &self.ips[pod]
+    }
+
+    pub fn apply(&self, yaml: &str) {
+        self.lab.apply(yaml);
+    }
+
+    /// Probes the matrix and compares it with `table` (the diagonal is not asserted, as
+    /// upstream). Like the upstream suite (ValidateOrFail), a mismatch is probed once
+    /// more before it fails; the retry is reported.
+    pub fn expect(&self, port: u16, proto: &str, to_service: bool, table: &str) {
+        let mut bad = Vec::new();
+        let mut m = Value::Null;
+        for attempt in 0..2 {
+            m = self.lab.matrix(port, proto, to_service);
+            bad = matrix_mismatches(&m, table);
+            if bad.is_empty() {
+                if attempt > 0 {
+                    eprintln!("{proto}/{port}: matched on the second probe");
+                }
+                return;
+            }
+            eprintln!(
+                "{proto}/{port} (to service: {to_service}): {} cells differ, probing again:\n{}",
+                bad.len(),
+                m["table"].as_str().unwrap_or("")
+            );
+        }
+        panic!(
+            "{proto}/{port} (to service: {to_service}) differs from the truth table:\n{}\nmatrix:\n{}",
+            bad.join("\n"),
+            m["table"].as_str().unwrap_or("")
+        );
+    }
+
+    /// Deletes every NetworkPolicy and restores the model's namespaces and pods.
+    pub fn reset(&self) {
+        let status = self.lab.run("status", &[]);
+        let policies: Vec<String> = status["labs"][0]["networkPolicies"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|p| format!("networkpolicy/{}", p.as_str().unwrap()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !policies.is_empty() {
+            let refs: Vec<&str> = policies.iter().map(String::as_str).collect();
+            self.lab.delete(&refs);
+        }
+        self.lab.apply(&xyz_pods_and_namespaces());
+    }
+
+    /// Runs every case on one lab, resetting it after each; failures are collected (the
+    /// panic message is printed where it happens) and reported together at the end.
+    pub fn run(cases: &[Case]) {
+        let lab = NetpolLab::up();
+        let mut failures = Vec::new();
+        for c in cases {
+            let t = std::time::Instant::now();
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (c.run)(&lab)));
+            eprintln!(
+                "case {}: {} ({:.1}s)",
+                c.name,
+                if r.is_ok() { "ok" } else { "FAILED" },
+                t.elapsed().as_secs_f64()
+            );
+            if r.is_err() {
+                failures.push(c.name);
+            }
+            lab.reset();
+        }
+        assert!(
+            failures.is_empty(),
+            "cases that failed (their messages are above): {failures:?}"
+        );
+    }
+}

@@ -318,6 +318,12 @@ impl Dataplane {
             .try_into()?)
     }
 
+    /// A map of the loaded object by name, pinned or not (tests read the per-CPU `WORK`
+    /// slot through it).
+    pub fn map(&self, name: &str) -> Option<&aya::maps::Map> {
+        self.ebpf.map(name)
+    }
+
     /// Removes every pin (maps and links): the datapath goes away once this process
     /// drops its handles.
     pub fn remove_pins(&self) -> Result<()> {

@@ -299,6 +299,19 @@ pub fn read_objects<'a>(
     Ok((objs, errs))
 }
 
+/// Reads every YAML file under `root` (as the directory source does) into a snapshot;
+/// objects that fail to parse or convert are skipped and reported. For tools that need
+/// the names behind addresses (`weir policy --source-dir`).
+pub fn read_cluster(root: &Path) -> std::io::Result<(Cluster, Vec<SourceError>)> {
+    let mut paths = Vec::new();
+    files(root, &mut paths)?;
+    paths.sort();
+    let (objs, mut errs) = read_objects(paths.iter())?;
+    let (c, more) = to_cluster(&objs);
+    errs.extend(more);
+    Ok((c, errs))
+}
+
 /// Builds the model snapshot from objects; objects that fail conversion are skipped and
 /// reported.
 pub fn to_cluster(objs: &[Object]) -> (Cluster, Vec<SourceError>) {

@@ -96,6 +96,9 @@ pub struct Frame {
     pub ip_id: u16,
     /// IPv6 only: extension headers to insert (next-header values 0, 60).
     pub v6_ext: Vec<u8>,
+    /// IPv6 only: a fragment header after `v6_ext` (RFC 8200 4.5) with `frag_offset`
+    /// (8-byte units), `more_fragments` and `ip_id` as its identification.
+    pub v6_fragment: bool,
 }
 
 impl Default for Frame {
@@ -108,6 +111,7 @@ impl Default for Frame {
             more_fragments: false,
             ip_id: 0x1234,
             v6_ext: Vec::new(),
+            v6_fragment: false,
         }
     }
 }
@@ -136,18 +140,29 @@ pub fn ip_frame(f: &Frame, src: IpAddr, dst: IpAddr, proto: u8, l4: &[u8]) -> Ve
         }
         (IpAddr::V6(s), IpAddr::V6(d)) => {
             out.extend_from_slice(&ETH_P_IPV6.to_be_bytes());
-            let ext_len = f.v6_ext.len() * 8;
+            let mut chain = f.v6_ext.clone();
+            if f.v6_fragment {
+                chain.push(44);
+            }
+            let ext_len = chain.len() * 8;
             let mut ip = [0u8; 40];
             ip[0] = 0x60;
             ip[4..6].copy_from_slice(&((ext_len + l4.len()) as u16).to_be_bytes());
-            ip[6] = f.v6_ext.first().copied().unwrap_or(proto);
+            ip[6] = chain.first().copied().unwrap_or(proto);
             ip[7] = f.ttl;
             ip[8..24].copy_from_slice(&s.octets());
             ip[24..40].copy_from_slice(&d.octets());
             out.extend_from_slice(&ip);
-            for (i, _) in f.v6_ext.iter().enumerate() {
-                let next = f.v6_ext.get(i + 1).copied().unwrap_or(proto);
-                out.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]); // 8 bytes, PadN option
+            for (i, h) in chain.iter().enumerate() {
+                let next = chain.get(i + 1).copied().unwrap_or(proto);
+                if *h == 44 {
+                    let fo = f.frag_offset << 3 | u16::from(f.more_fragments);
+                    out.extend_from_slice(&[next, 0]);
+                    out.extend_from_slice(&fo.to_be_bytes());
+                    out.extend_from_slice(&u32::from(f.ip_id).to_be_bytes());
+                } else {
+                    out.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]); // 8 bytes, PadN option
+                }
             }
         }
         _ => panic!("mixed address families"),

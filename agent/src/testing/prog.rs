@@ -15,6 +15,7 @@ use aya::{
 use weir_common::{
     ct::{CtEntry, CtKey},
     maps as names,
+    policy::PolicyEvent,
 };
 use weir_core::{
     datapath::Datapath,
@@ -135,6 +136,76 @@ impl ProgHarness {
             out.insert(k, v);
         }
         Ok(out)
+    }
+
+    /// Removes every conntrack entry (a test that reuses tuples starts over).
+    pub fn clear_ct(&self) -> Result<()> {
+        let mut m: HashMap<MapData, CtKey, CtEntry> =
+            open_pinned(&self.pin_dir, names::CT)?.try_into()?;
+        let keys: Vec<CtKey> = m.keys().collect::<Result<_, _>>()?;
+        for k in keys {
+            m.remove(&k)?;
+        }
+        Ok(())
+    }
+
+    /// The policy decision record of the last packet each CPU ran (`Work.event`, the
+    /// first field of the per-CPU `WORK` slot, which a drop-event emitter copies): one
+    /// per possible CPU. BPF_PROG_TEST_RUN runs on the calling thread's CPU.
+    pub fn decisions(&self) -> Result<Vec<PolicyEvent>> {
+        let map = self
+            .dataplane
+            .map("WORK")
+            .ok_or_else(|| anyhow::anyhow!("map WORK missing"))?;
+        let aya::maps::Map::PerCpuArray(data) = map else {
+            anyhow::bail!("WORK is not a per-CPU array");
+        };
+        let value_size = data.info()?.value_size() as usize;
+        anyhow::ensure!(
+            value_size >= std::mem::size_of::<PolicyEvent>(),
+            "WORK is smaller than a PolicyEvent"
+        );
+        let ncpus = aya::util::nr_cpus().map_err(|(w, e)| anyhow::anyhow!("{w}: {e}"))?;
+        // Per-CPU values come back one per possible CPU, each rounded up to 8 bytes.
+        let stride = value_size.div_ceil(8) * 8;
+        let mut buf = vec![0u8; stride * ncpus];
+        let key: u32 = 0;
+        #[repr(C)]
+        struct LookupAttr {
+            map_fd: u32,
+            pad: u32,
+            key: u64,
+            value: u64,
+            flags: u64,
+        }
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let attr = LookupAttr {
+            map_fd: data.fd().as_fd().as_raw_fd() as u32,
+            pad: 0,
+            key: &key as *const u32 as u64,
+            value: buf.as_mut_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: BPF_MAP_LOOKUP_ELEM (1) writes at most `stride * ncpus` bytes to `value`.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                1,
+                &attr as *const LookupAttr,
+                std::mem::size_of::<LookupAttr>(),
+            )
+        };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error()).context("looking up WORK");
+        }
+        Ok(buf
+            .chunks(stride)
+            .map(|c| {
+                // SAFETY: PolicyEvent is plain old data (weir_common's ABI rules) and
+                // the chunk holds at least its size.
+                unsafe { std::ptr::read_unaligned(c.as_ptr() as *const PolicyEvent) }
+            })
+            .collect())
     }
 
     /// Counters by (reason, direction), summed over CPUs.
