@@ -5,7 +5,8 @@
 #
 #   bench/run.sh [--quick|--full] [extra weir-bench suite flags, e.g. --scales 1,1000]
 #
-# --quick (default): 1, 1k, 10k Services, 2 s per run, one repetition (a few minutes).
+# --quick (default): datapath at 1 and 1k Services, 2 s per run, one repetition; control
+# plane and kube-proxy rule loads at 10k Services / 100k endpoints (a few minutes).
 # --full: 1, 1k, 10k, 50k Services, 5 s per run, median of three.
 # Writes bench/results/<UTC date>-<mode>/results.json, the plots beside it, and
 # bench/RESULTS.md. Needs root (network namespaces, BPF). Everything it creates lives in

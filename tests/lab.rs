@@ -1066,7 +1066,7 @@ fn dataplane_none_builds_the_topology_without_agents_and_translates_nothing() {
 
 #[test]
 fn map_sizes_reach_the_agents() {
-    let (lab, v) = TestLab::up(
+    let (_lab, v) = TestLab::up(
         "apiVersion: weir.dev/v1alpha1\nkind: LabConfig\nmapSizes: [SERVICES=131072]\n---\n\
          apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: d, labels: {app: web}}\n\
          spec: {containers: [{name: c, ports: [{containerPort: 8080}]}]}\n",

@@ -368,10 +368,32 @@ pub fn render(v: &Value, dir: &Path, rel: &str) -> Result<String> {
             );
         }
     }
+    // weir against kube-proxy's loaders at the same scale.
+    if let (Some(cp), Some(loads)) = (v["control_weir"].as_array(), v["rule_loads"].as_array()) {
+        if let Some(real) = cp.iter().find(|c| c["datapath"] == "real") {
+            let n = real["services"].as_u64().unwrap_or(0);
+            let ws = real["wall_s"].as_f64().unwrap_or(0.0);
+            let wm = real["peak_mib"].as_f64().unwrap_or(0.0);
+            for l in loads.iter().filter(|l| l["services"].as_u64() == Some(n)) {
+                let _ = writeln!(
+                    s,
+                    "
+- at {n} Services: {} took {} s and {} MiB; weir (real maps) {} s and {} MiB peak (loader time / weir time = {})",
+                    l["tool"].as_str().unwrap_or(""),
+                    fmt(l["wall_s"].as_f64().unwrap_or(0.0)),
+                    fmt(l["max_rss_mib"].as_f64().unwrap_or(0.0)),
+                    fmt(ws),
+                    fmt(wm),
+                    ratio(l["wall_s"].as_f64(), Some(ws).filter(|x| *x > 0.0)),
+                );
+            }
+        }
+    }
     if v["control_policy"].is_object() {
         let p = &v["control_policy"];
         let _ = writeln!(s, "\nNetworkPolicy: {} — {} s wall, {} s CPU, max RSS {} MiB. Its output:\n\n```\n{}\n```", p["what"].as_str().unwrap_or(""), fmt(p["wall_s"].as_f64().unwrap_or(0.0)), fmt(p["cpu_s"].as_f64().unwrap_or(0.0)), fmt(p["max_rss_mib"].as_f64().unwrap_or(0.0)), p["output"].as_array().into_iter().flatten().filter_map(|l| l.as_str()).collect::<Vec<_>>().join("\n"));
     }
+    targets(&mut s, v, &t);
     if let Some(notes) = v["notes"].as_array() {
         if !notes.is_empty() {
             let _ = writeln!(s, "\n## Notes from the run\n");
@@ -381,6 +403,56 @@ pub fn render(v: &Value, dir: &Path, rel: &str) -> Result<String> {
         }
     }
     Ok(s)
+}
+
+/// Issue 8's targets against this run's figures (None where the run did not measure it).
+fn targets(s: &mut String, v: &Value, t: &Table) {
+    let _ = writeln!(s, "\n## Targets of issue 8\n");
+    let _ = writeln!(s, "| target | this run | met? |\n|---|---|---|");
+    let yes = |b: bool| if b { "yes" } else { "**no**" };
+    // Per-packet cost flat from 1 to 50k Services.
+    if let Some(pc) = v["progcost"].as_array() {
+        let med = |path: &str, n: u64| {
+            pc.iter()
+                .find(|p| p["path"] == path && p["services"].as_u64() == Some(n))
+                .and_then(|p| p["median_ns"].as_f64())
+        };
+        if let (Some(a), Some(b)) = (med("service", 1), med("service", 50_000)) {
+            let r = b / a;
+            let _ = writeln!(s, "| per-packet cost flat 1 -> 50k Services (service path) | {} ns -> {} ns ({r:.2}x) | {} |", fmt(a), fmt(b), yes(r < 1.15));
+        }
+    }
+    let xs = scales(t);
+    let big = xs.iter().copied().filter(|n| *n >= 10_000).min();
+    match big {
+        Some(n) => {
+            let w = val(t, "crr_clusterip", "weir", n);
+            let i = val(t, "crr_clusterip", "iptables", n);
+            let nf = val(t, "crr_clusterip", "nftables", n);
+            if let (Some(w), Some(i)) = (w, i) {
+                let _ = writeln!(s, "| >= 1.5x iptables' connection rate at 10k Services | {:.2}x at {n} | {} |", w / i, yes(w / i >= 1.5));
+            }
+            if let (Some(w), Some(nf)) = (w, nf) {
+                let _ = writeln!(s, "| ahead of nftables' connection rate at 10k Services | {:.2}x at {n} | {} |", w / nf, yes(w > nf));
+            }
+        }
+        None => {
+            let _ = writeln!(s, "| >= 1.5x iptables / ahead of nftables in connection rate at 10k Services | not measured in this run (datapath scales {xs:?}; 10k and 50k are in `--full`) | – |");
+        }
+    }
+    for n in &xs {
+        if let (Some(w), Some(b)) = (val(t, "rr_clusterip", "weir", *n), val(t, "rr_clusterip", "bare", *n)) {
+            let _ = writeln!(s, "| request/response within 10% of bare with socket LB on ({n} Services) | {:.2}x bare | {} |", w / b, yes(w / b >= 0.9));
+        }
+    }
+    if let Some(real) = v["control_weir"].as_array().and_then(|c| c.iter().find(|c| c["datapath"] == "real")) {
+        let ws = real["wall_s"].as_f64().unwrap_or(0.0);
+        let wm = real["peak_mib"].as_f64().unwrap_or(0.0);
+        let p99 = real["change_p99_us"].as_f64().unwrap_or(0.0);
+        let _ = writeln!(s, "| program 10k Services / 100k endpoints in < 2 s | {} s | {} |", fmt(ws), yes(ws < 2.0));
+        let _ = writeln!(s, "| ... using < 200 MB | {} MiB peak | {} |", fmt(wm), yes(wm * 1.048576 < 200.0));
+        let _ = writeln!(s, "| one endpoint change to the map in < 10 ms at p99 | {} µs | {} |", fmt(p99), yes(p99 < 10_000.0));
+    }
 }
 
 #[cfg(test)]

@@ -402,75 +402,118 @@ fn baselines(cx: &mut Ctx, dir: &Path, lab_name: &str, marker: &Path) -> Result<
     for &n in &cx.o.scales.clone() {
         let c = cluster_of(&cluster::services_path(dir, n))?;
         if only("iptables") {
-            let t = Instant::now();
-            let (rules, stats) = kubeproxy::iptables_rules(&c, &kp_settings());
-            let generate_s = t.elapsed().as_secs_f64();
-            let jumps = dir.join("iptables-jumps.rules");
-            std::fs::write(&jumps, kubeproxy::iptables_jumps())?;
-            let file = dir.join(format!("iptables-{n}.rules"));
-            std::fs::write(&file, &rules)?;
-            let p = run_rusage(in_ns(&node, "iptables-legacy-restore", &["-w", "--noflush"])?, Some(&jumps))?;
-            if !p.ok {
-                bail!("iptables-legacy-restore (jumps): {}", p.stderr);
-            }
-            let p = run_rusage(
-                in_ns(&node, "iptables-legacy-restore", &["-w", "--noflush", "--counters"])?,
-                Some(&file),
-            )?;
-            if !p.ok {
-                bail!("iptables-legacy-restore of {} failed: {}", file.display(), p.stderr);
-            }
-            cx.loads.push(RuleLoad {
-                tool: "iptables-legacy-restore".into(),
-                services: n,
-                wall_s: p.wall_s,
-                cpu_s: p.cpu_s,
-                max_rss_mib: p.max_rss_mib,
-                generate_s,
-                stats,
-            });
+            load_iptables(cx, &node, dir, &c, n)?;
             cx.sanity(&lab, "iptables", n);
             cx.measure(&lab, "iptables", n, false)?;
-            for table in ["nat", "filter"] {
-                for op in ["-F", "-X"] {
-                    let p = run_rusage(in_ns(&node, "iptables-legacy", &["-w", "-t", table, op])?, None)?;
-                    if !p.ok {
-                        bail!("iptables-legacy -t {table} {op}: {}", p.stderr);
-                    }
-                }
-            }
-            let _ = std::fs::remove_file(&file);
+            flush_iptables(&node)?;
         }
         if only("nftables") {
-            let t = Instant::now();
-            let (rules, stats) = kubeproxy::nft_rules(&c, &kp_settings());
-            let generate_s = t.elapsed().as_secs_f64();
-            let file = dir.join(format!("nftables-{n}.nft"));
-            std::fs::write(&file, &rules)?;
-            let p = run_rusage(in_ns(&node, "nft", &["-f", &file.display().to_string()])?, None)?;
-            if !p.ok {
-                bail!("nft -f {} failed: {}", file.display(), p.stderr.lines().take(5).collect::<Vec<_>>().join("\n"));
-            }
-            cx.loads.push(RuleLoad {
-                tool: "nft -f".into(),
-                services: n,
-                wall_s: p.wall_s,
-                cpu_s: p.cpu_s,
-                max_rss_mib: p.max_rss_mib,
-                generate_s,
-                stats,
-            });
+            load_nft(cx, &node, dir, &c, n)?;
             cx.sanity(&lab, "nftables", n);
             cx.measure(&lab, "nftables", n, false)?;
-            let p = run_rusage(in_ns(&node, "nft", &["delete", "table", "ip", "kube-proxy"])?, None)?;
-            if !p.ok {
-                bail!("nft delete table: {}", p.stderr);
-            }
-            let _ = std::fs::remove_file(&file);
+            flush_nft(&node)?;
         }
         if only("bare") {
             cx.measure(&lab, "bare", n, true)?;
         }
+    }
+    // The control-plane comparison at CP_SCALE (10k Services / 100k endpoints) when that
+    // is not a datapath scale of this run: load times only, no traffic.
+    if !cx.o.scales.contains(&CP_SCALE) && (only("control") || only("iptables") || only("nftables")) {
+        let n = CP_SCALE;
+        let c = cluster_of(&cluster::services_path(dir, n))?;
+        eprintln!("weir-bench: kube-proxy rule loads at {n} Services (no traffic)");
+        load_iptables(cx, &node, dir, &c, n)?;
+        cx.sanity(&lab, "iptables", n);
+        flush_iptables(&node)?;
+        load_nft(cx, &node, dir, &c, n)?;
+        cx.sanity(&lab, "nftables", n);
+        flush_nft(&node)?;
+    }
+    Ok(())
+}
+
+/// The Services of the control-plane comparison (10 endpoints each: 100k endpoints).
+pub const CP_SCALE: usize = 10_000;
+
+/// kube-proxy's iptables rules for `c`, timed through iptables-legacy-restore in the
+/// node namespace (peak RSS and CPU from wait4).
+fn load_iptables(cx: &mut Ctx, node: &str, dir: &Path, c: &weir_core::model::Cluster, n: usize) -> Result<()> {
+    let t = Instant::now();
+    let (rules, stats) = kubeproxy::iptables_rules(c, &kp_settings());
+    let generate_s = t.elapsed().as_secs_f64();
+    let jumps = dir.join("iptables-jumps.rules");
+    std::fs::write(&jumps, kubeproxy::iptables_jumps())?;
+    let file = dir.join(format!("iptables-{n}.rules"));
+    std::fs::write(&file, &rules)?;
+    let p = run_rusage(in_ns(node, "iptables-legacy-restore", &["-w", "--noflush"])?, Some(&jumps))?;
+    if !p.ok {
+        bail!("iptables-legacy-restore (jumps): {}", p.stderr);
+    }
+    let p = run_rusage(
+        in_ns(node, "iptables-legacy-restore", &["-w", "--noflush", "--counters"])?,
+        Some(&file),
+    )?;
+    let _ = std::fs::remove_file(&file);
+    if !p.ok {
+        bail!("iptables-legacy-restore of {} failed: {}", file.display(), p.stderr);
+    }
+    cx.loads.push(RuleLoad {
+        tool: "iptables-legacy-restore".into(),
+        services: n,
+        wall_s: p.wall_s,
+        cpu_s: p.cpu_s,
+        max_rss_mib: p.max_rss_mib,
+        generate_s,
+        stats,
+    });
+    Ok(())
+}
+
+fn flush_iptables(node: &str) -> Result<()> {
+    for table in ["nat", "filter"] {
+        for op in ["-F", "-X"] {
+            let p = run_rusage(in_ns(node, "iptables-legacy", &["-w", "-t", table, op])?, None)?;
+            if !p.ok {
+                bail!("iptables-legacy -t {table} {op}: {}", p.stderr);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// kube-proxy's nftables ruleset for `c`, timed through `nft -f` in the node namespace.
+fn load_nft(cx: &mut Ctx, node: &str, dir: &Path, c: &weir_core::model::Cluster, n: usize) -> Result<()> {
+    let t = Instant::now();
+    let (rules, stats) = kubeproxy::nft_rules(c, &kp_settings());
+    let generate_s = t.elapsed().as_secs_f64();
+    let file = dir.join(format!("nftables-{n}.nft"));
+    std::fs::write(&file, &rules)?;
+    let p = run_rusage(in_ns(node, "nft", &["-f", &file.display().to_string()])?, None)?;
+    let _ = std::fs::remove_file(&file);
+    if !p.ok {
+        bail!(
+            "nft -f {} failed: {}",
+            file.display(),
+            p.stderr.lines().take(5).collect::<Vec<_>>().join("\n")
+        );
+    }
+    cx.loads.push(RuleLoad {
+        tool: "nft -f".into(),
+        services: n,
+        wall_s: p.wall_s,
+        cpu_s: p.cpu_s,
+        max_rss_mib: p.max_rss_mib,
+        generate_s,
+        stats,
+    });
+    Ok(())
+}
+
+fn flush_nft(node: &str) -> Result<()> {
+    let p = run_rusage(in_ns(node, "nft", &["delete", "table", "ip", "kube-proxy"])?, None)?;
+    if !p.ok {
+        bail!("nft delete table: {}", p.stderr);
     }
     Ok(())
 }
@@ -543,7 +586,11 @@ pub fn run(o: &Opts) -> Result<Value> {
         }
     }
     let _rm = RmDir(work.clone());
-    cluster::write_all(&work, &o.scales)?;
+    let mut files = o.scales.clone();
+    if !files.contains(&CP_SCALE) {
+        files.push(CP_SCALE);
+    }
+    cluster::write_all(&work, &files)?;
     let self_exe = std::env::current_exe()?;
     let mut cx = Ctx {
         o,
