@@ -394,6 +394,11 @@ pub fn render(v: &Value, dir: &Path, rel: &str) -> Result<String> {
         let _ = writeln!(s, "\nNetworkPolicy: {} — {} s wall, {} s CPU, max RSS {} MiB. Its output:\n\n```\n{}\n```", p["what"].as_str().unwrap_or(""), fmt(p["wall_s"].as_f64().unwrap_or(0.0)), fmt(p["cpu_s"].as_f64().unwrap_or(0.0)), fmt(p["max_rss_mib"].as_f64().unwrap_or(0.0)), p["output"].as_array().into_iter().flatten().filter_map(|l| l.as_str()).collect::<Vec<_>>().join("\n"));
     }
     targets(&mut s, v, &t);
+    // Hand-written reading of this run (why a target is missed, what the profile showed),
+    // kept beside results.json so that regenerating the report keeps it.
+    if let Ok(a) = std::fs::read_to_string(dir.join("analysis.md")) {
+        let _ = writeln!(s, "\n{}", a.trim_end());
+    }
     if let Some(notes) = v["notes"].as_array() {
         if !notes.is_empty() {
             let _ = writeln!(s, "\n## Notes from the run\n");

@@ -75,8 +75,25 @@ struct Proc {
     stdout: String,
 }
 
-/// Runs `cmd` to completion and takes its rusage (peak RSS, CPU) from wait4.
-fn run_rusage(mut cmd: Command, stdin: Option<&Path>) -> Result<Proc> {
+/// A command run under GNU time (`/usr/bin/time -f %M -o FILE`), which reports its
+/// child's own peak RSS. wait4's ru_maxrss on our own child would not do: a child forked
+/// from this (large) process keeps the parent's pre-exec RSS as its maxrss across exec.
+struct Timed {
+    cmd: Command,
+    rss_file: PathBuf,
+}
+
+fn timed(prog: &str, args: &[&str]) -> Result<Timed> {
+    let rss_file = tempfile("maxrss")?;
+    let mut cmd = Command::new("/usr/bin/time");
+    cmd.args(["-f", "%M", "-o"]).arg(&rss_file).arg(prog).args(args);
+    Ok(Timed { cmd, rss_file })
+}
+
+/// Runs the command to completion: wall time, CPU (wait4's rusage: time's child is
+/// included) and the child's peak RSS as GNU time measured it.
+fn run_rusage(t: Timed, stdin: Option<&Path>) -> Result<Proc> {
+    let Timed { mut cmd, rss_file } = t;
     let err = tempfile("stderr")?;
     let outf = tempfile("stdout")?;
     cmd.stdout(Stdio::from(std::fs::File::create(&outf)?))
@@ -105,7 +122,13 @@ fn run_rusage(mut cmd: Command, stdin: Option<&Path>) -> Result<Proc> {
     Ok(Proc {
         wall_s: wall,
         cpu_s: tv(ru.ru_utime) + tv(ru.ru_stime),
-        max_rss_mib: ru.ru_maxrss as f64 / 1024.0,
+        max_rss_mib: {
+            let kib = std::fs::read_to_string(&rss_file)
+                .ok()
+                .and_then(|t| t.lines().last().and_then(|l| l.trim().parse::<f64>().ok()));
+            let _ = std::fs::remove_file(&rss_file);
+            kib.map(|k| k / 1024.0).unwrap_or(f64::NAN)
+        },
         ok: libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
         stderr,
         stdout,
@@ -381,11 +404,11 @@ fn kp_settings() -> kubeproxy::Settings {
     }
 }
 
-fn in_ns(ns: &str, prog: &str, args: &[&str]) -> Result<Command> {
-    let mut c = Command::new(prog);
-    c.args(args);
-    netns::command_in(ns, &mut c)?;
-    Ok(c)
+fn in_ns(ns: &str, prog: &str, args: &[&str]) -> Result<Timed> {
+    let mut t = timed(prog, args)?;
+    // setns before exec of GNU time: its child, the loader, inherits the namespace.
+    netns::command_in(ns, &mut t.cmd)?;
+    Ok(t)
 }
 
 /// The `dataplane: none` lab: kube-proxy's iptables rules, its nftables rules, then the
@@ -624,8 +647,11 @@ pub fn run(o: &Opts) -> Result<Value> {
         let mut cp = Vec::new();
         for dp in ["real", "fake"] {
             eprintln!("weir-bench: control plane, {n} Services into the {dp} datapath");
-            let mut cmd = Command::new(&self_exe);
-            cmd.args(["cp-weir", "--services", &n.to_string(), "--changes", &changes.to_string(), "--datapath", dp]);
+            let exe = self_exe.display().to_string();
+            let cmd = timed(
+                &exe,
+                &["cp-weir", "--services", &n.to_string(), "--changes", &changes.to_string(), "--datapath", dp],
+            )?;
             let p = run_rusage(cmd, None)?;
             if !p.ok {
                 bail!("cp-weir {dp} failed: {}", p.stderr);
@@ -637,7 +663,7 @@ pub fn run(o: &Opts) -> Result<Value> {
         out["control_weir"] = Value::Array(cp);
         if let Some(ps) = &o.policy_scale {
             eprintln!("weir-bench: NetworkPolicy compile, 10k pods / 1k policies");
-            let p = run_rusage(Command::new(ps), None)?;
+            let p = run_rusage(timed(&ps.display().to_string(), &[])?, None)?;
             out["control_policy"] = json!({
                 "ok": p.ok, "wall_s": p.wall_s, "cpu_s": p.cpu_s, "max_rss_mib": p.max_rss_mib,
                 "output": p.stdout.lines().collect::<Vec<_>>(),
