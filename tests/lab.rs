@@ -1078,7 +1078,10 @@ fn map_sizes_reach_the_agents() {
         .split(|b| *b == 0)
         .map(|a| String::from_utf8_lossy(a).into_owned())
         .collect();
-    let i = args.iter().position(|a| a == "--map-size").expect("--map-size passed");
+    let i = args
+        .iter()
+        .position(|a| a == "--map-size")
+        .expect("--map-size passed");
     assert_eq!(args[i + 1], "SERVICES=131072");
     let pins = std::path::PathBuf::from(v["nodes"][0]["agent"]["pinDir"].as_str().unwrap());
     let info = aya::maps::MapInfo::from_pin(pins.join("maps").join("SERVICES")).unwrap();

@@ -89,7 +89,15 @@ pub fn pods_yaml() -> String {
     s
 }
 
-fn push_service(s: &mut String, name: &str, ip: Ipv4Addr, node_port: bool, port: u16, target: u16, eps: &[Ipv4Addr]) {
+fn push_service(
+    s: &mut String,
+    name: &str,
+    ip: Ipv4Addr,
+    node_port: bool,
+    port: u16,
+    target: u16,
+    eps: &[Ipv4Addr],
+) {
     let ty = if node_port { "NodePort" } else { "ClusterIP" };
     let np = if node_port {
         format!("\n    nodePort: {NODE_PORT}")

@@ -71,7 +71,11 @@ fn run_sync<D: Datapath>(
     before_mib: f64,
     mut c: weir_core::model::Cluster,
 ) -> WeirSync {
-    let mut s = Syncer::new(progcost::settings(), MapImage::default(), Default::default());
+    let mut s = Syncer::new(
+        progcost::settings(),
+        MapImage::default(),
+        Default::default(),
+    );
     // Peak memory from here on.
     let _ = std::fs::write("/proc/self/clear_refs", "5");
     let t = Instant::now();

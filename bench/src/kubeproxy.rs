@@ -79,8 +79,7 @@ fn usable(eps: &[(&Endpoint, u16)]) -> Vec<(IpAddr, u16)> {
 }
 
 fn service_ports(c: &Cluster) -> Vec<SvcPort<'_>> {
-    let mut by_svc: BTreeMap<(&str, &str), Vec<&weir_core::model::EndpointSlice>> =
-        BTreeMap::new();
+    let mut by_svc: BTreeMap<(&str, &str), Vec<&weir_core::model::EndpointSlice>> = BTreeMap::new();
     for s in c.slices.values() {
         if let Some(svc) = &s.service {
             by_svc
@@ -178,23 +177,70 @@ pub fn iptables_jumps() -> String {
     let mut s = String::new();
     s.push_str("*filter\n:KUBE-EXTERNAL-SERVICES - [0:0]\n:KUBE-NODEPORTS - [0:0]\n:KUBE-SERVICES - [0:0]\n:KUBE-FORWARD - [0:0]\n:KUBE-PROXY-FIREWALL - [0:0]\n");
     for (chain, from, comment, extra) in [
-        ("KUBE-EXTERNAL-SERVICES", "INPUT", "kubernetes externally-visible service portals", "-m conntrack --ctstate NEW "),
-        ("KUBE-EXTERNAL-SERVICES", "FORWARD", "kubernetes externally-visible service portals", "-m conntrack --ctstate NEW "),
-        ("KUBE-NODEPORTS", "INPUT", "kubernetes health check service ports", ""),
-        ("KUBE-SERVICES", "FORWARD", "kubernetes service portals", "-m conntrack --ctstate NEW "),
-        ("KUBE-SERVICES", "OUTPUT", "kubernetes service portals", "-m conntrack --ctstate NEW "),
+        (
+            "KUBE-EXTERNAL-SERVICES",
+            "INPUT",
+            "kubernetes externally-visible service portals",
+            "-m conntrack --ctstate NEW ",
+        ),
+        (
+            "KUBE-EXTERNAL-SERVICES",
+            "FORWARD",
+            "kubernetes externally-visible service portals",
+            "-m conntrack --ctstate NEW ",
+        ),
+        (
+            "KUBE-NODEPORTS",
+            "INPUT",
+            "kubernetes health check service ports",
+            "",
+        ),
+        (
+            "KUBE-SERVICES",
+            "FORWARD",
+            "kubernetes service portals",
+            "-m conntrack --ctstate NEW ",
+        ),
+        (
+            "KUBE-SERVICES",
+            "OUTPUT",
+            "kubernetes service portals",
+            "-m conntrack --ctstate NEW ",
+        ),
         ("KUBE-FORWARD", "FORWARD", "kubernetes forwarding rules", ""),
-        ("KUBE-PROXY-FIREWALL", "INPUT", "kubernetes load balancer firewall", "-m conntrack --ctstate NEW "),
-        ("KUBE-PROXY-FIREWALL", "OUTPUT", "kubernetes load balancer firewall", "-m conntrack --ctstate NEW "),
-        ("KUBE-PROXY-FIREWALL", "FORWARD", "kubernetes load balancer firewall", "-m conntrack --ctstate NEW "),
+        (
+            "KUBE-PROXY-FIREWALL",
+            "INPUT",
+            "kubernetes load balancer firewall",
+            "-m conntrack --ctstate NEW ",
+        ),
+        (
+            "KUBE-PROXY-FIREWALL",
+            "OUTPUT",
+            "kubernetes load balancer firewall",
+            "-m conntrack --ctstate NEW ",
+        ),
+        (
+            "KUBE-PROXY-FIREWALL",
+            "FORWARD",
+            "kubernetes load balancer firewall",
+            "-m conntrack --ctstate NEW ",
+        ),
     ] {
-        let _ = writeln!(s, "-I {from} {extra}-m comment --comment \"{comment}\" -j {chain}");
+        let _ = writeln!(
+            s,
+            "-I {from} {extra}-m comment --comment \"{comment}\" -j {chain}"
+        );
     }
     s.push_str("COMMIT\n*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-POSTROUTING - [0:0]\n");
     for (chain, from, comment) in [
         ("KUBE-SERVICES", "OUTPUT", "kubernetes service portals"),
         ("KUBE-SERVICES", "PREROUTING", "kubernetes service portals"),
-        ("KUBE-POSTROUTING", "POSTROUTING", "kubernetes postrouting rules"),
+        (
+            "KUBE-POSTROUTING",
+            "POSTROUTING",
+            "kubernetes postrouting rules",
+        ),
     ] {
         let _ = writeln!(s, "-I {from} -m comment --comment \"{comment}\" -j {chain}");
     }
@@ -216,15 +262,35 @@ pub fn iptables_rules(c: &Cluster, st: &Settings) -> (String, RuleStats) {
     let mut filter_rules = String::new();
     let mut nat_chains = String::new();
     let mut nat_rules = String::with_capacity(total_endpoints * 200);
-    for ch in ["KUBE-SERVICES", "KUBE-EXTERNAL-SERVICES", "KUBE-FORWARD", "KUBE-NODEPORTS", "KUBE-PROXY-FIREWALL"] {
+    for ch in [
+        "KUBE-SERVICES",
+        "KUBE-EXTERNAL-SERVICES",
+        "KUBE-FORWARD",
+        "KUBE-NODEPORTS",
+        "KUBE-PROXY-FIREWALL",
+    ] {
         let _ = writeln!(filter_chains, ":{ch} - [0:0]");
     }
-    for ch in ["KUBE-SERVICES", "KUBE-NODEPORTS", "KUBE-POSTROUTING", "KUBE-MARK-MASQ"] {
+    for ch in [
+        "KUBE-SERVICES",
+        "KUBE-NODEPORTS",
+        "KUBE-POSTROUTING",
+        "KUBE-MARK-MASQ",
+    ] {
         let _ = writeln!(nat_chains, ":{ch} - [0:0]");
     }
-    let _ = writeln!(nat_rules, "-A KUBE-POSTROUTING -m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN");
-    let _ = writeln!(nat_rules, "-A KUBE-POSTROUTING -j MARK --xor-mark {MASQ_MARK}");
-    let _ = writeln!(nat_rules, "-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully");
+    let _ = writeln!(
+        nat_rules,
+        "-A KUBE-POSTROUTING -m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN"
+    );
+    let _ = writeln!(
+        nat_rules,
+        "-A KUBE-POSTROUTING -j MARK --xor-mark {MASQ_MARK}"
+    );
+    let _ = writeln!(
+        nat_rules,
+        "-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully"
+    );
     let _ = writeln!(nat_rules, "-A KUBE-MARK-MASQ -j MARK --or-mark {MASQ_MARK}");
     let comment = |s: &str| -> String {
         if large {
@@ -243,17 +309,32 @@ pub fn iptables_rules(c: &Cluster, st: &Settings) -> (String, RuleStats) {
         let has_endpoints = !sp.endpoints.is_empty();
         let node_port = sp.port.node_port;
         let external = node_port != 0
-            && matches!(sp.svc.type_, ServiceType::NodePort | ServiceType::LoadBalancer);
+            && matches!(
+                sp.svc.type_,
+                ServiceType::NodePort | ServiceType::LoadBalancer
+            );
         if has_endpoints {
-            let _ = writeln!(nat_rules, "-A KUBE-SERVICES -m comment --comment \"{name} cluster IP\" -m {p} -p {p} -d {vip} --dport {port} -j {svc_chain}");
+            let _ = writeln!(
+                nat_rules,
+                "-A KUBE-SERVICES -m comment --comment \"{name} cluster IP\" -m {p} -p {p} -d {vip} --dport {port} -j {svc_chain}"
+            );
         } else {
-            let _ = writeln!(filter_rules, "-A KUBE-SERVICES -m comment --comment \"{name} has no endpoints\" -m {p} -p {p} -d {vip} --dport {port} -j REJECT");
+            let _ = writeln!(
+                filter_rules,
+                "-A KUBE-SERVICES -m comment --comment \"{name} has no endpoints\" -m {p} -p {p} -d {vip} --dport {port} -j REJECT"
+            );
         }
         if external {
             if has_endpoints {
-                let _ = writeln!(nat_rules, "-A KUBE-NODEPORTS -m comment --comment {name} -m {p} -p {p} --dport {node_port} -j {ext_chain}");
+                let _ = writeln!(
+                    nat_rules,
+                    "-A KUBE-NODEPORTS -m comment --comment {name} -m {p} -p {p} --dport {node_port} -j {ext_chain}"
+                );
             } else {
-                let _ = writeln!(filter_rules, "-A KUBE-EXTERNAL-SERVICES -m comment --comment \"{name} has no endpoints\" -m addrtype --dst-type LOCAL -m {p} -p {p} --dport {node_port} -j REJECT");
+                let _ = writeln!(
+                    filter_rules,
+                    "-A KUBE-EXTERNAL-SERVICES -m comment --comment \"{name} has no endpoints\" -m addrtype --dst-type LOCAL -m {p} -p {p} --dport {node_port} -j REJECT"
+                );
             }
         }
         if !has_endpoints {
@@ -261,11 +342,18 @@ pub fn iptables_rules(c: &Cluster, st: &Settings) -> (String, RuleStats) {
         }
         // Internal traffic: masquerade what does not come from a pod (local detector).
         let _ = writeln!(nat_chains, ":{svc_chain} - [0:0]");
-        let _ = writeln!(nat_rules, "-A {svc_chain} -m comment --comment \"{name} cluster IP\" -m {p} -p {p} -d {vip} --dport {port} ! -s {} -j KUBE-MARK-MASQ", st.cluster_cidr);
+        let _ = writeln!(
+            nat_rules,
+            "-A {svc_chain} -m comment --comment \"{name} cluster IP\" -m {p} -p {p} -d {vip} --dport {port} ! -s {} -j KUBE-MARK-MASQ",
+            st.cluster_cidr
+        );
         // External traffic (eTP Cluster): always masquerade, then the Cluster chain.
         if external {
             let _ = writeln!(nat_chains, ":{ext_chain} - [0:0]");
-            let _ = writeln!(nat_rules, "-A {ext_chain} -m comment --comment \"masquerade traffic for {name} external destinations\" -j KUBE-MARK-MASQ");
+            let _ = writeln!(
+                nat_rules,
+                "-A {ext_chain} -m comment --comment \"masquerade traffic for {name} external destinations\" -j KUBE-MARK-MASQ"
+            );
             let _ = writeln!(nat_rules, "-A {ext_chain} -j {svc_chain}");
         }
         // writeServiceToEndpointRules: probability 1/(n-i) for all but the last.
@@ -278,7 +366,11 @@ pub fn iptables_rules(c: &Cluster, st: &Settings) -> (String, RuleStats) {
         for (i, ((ip, eport), sep)) in sp.endpoints.iter().zip(&seps).enumerate() {
             let c = comment(&format!("{name} -> {ip}:{eport}"));
             if i + 1 < n {
-                let _ = writeln!(nat_rules, "-A {svc_chain} {c}-m statistic --mode random --probability {} -j {sep}", probability(n - i));
+                let _ = writeln!(
+                    nat_rules,
+                    "-A {svc_chain} {c}-m statistic --mode random --probability {} -j {sep}",
+                    probability(n - i)
+                );
             } else {
                 let _ = writeln!(nat_rules, "-A {svc_chain} {c}-j {sep}");
             }
@@ -287,15 +379,30 @@ pub fn iptables_rules(c: &Cluster, st: &Settings) -> (String, RuleStats) {
             let c = comment(name);
             let _ = writeln!(nat_chains, ":{sep} - [0:0]");
             let _ = writeln!(nat_rules, "-A {sep} {c}-s {ip} -j KUBE-MARK-MASQ");
-            let _ = writeln!(nat_rules, "-A {sep} {c}-m {p} -p {p} -j DNAT --to-destination {ip}:{eport}");
+            let _ = writeln!(
+                nat_rules,
+                "-A {sep} {c}-m {p} -p {p} -j DNAT --to-destination {ip}:{eport}"
+            );
         }
     }
     // The default nodePortAddresses match every local address: the NodePort chain is the
     // last rule of KUBE-SERVICES (localhost NodePorts stay enabled, as by default).
-    let _ = writeln!(nat_rules, "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS");
-    let _ = writeln!(filter_rules, "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP");
-    let _ = writeln!(filter_rules, "-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark {MASQ_MARK}/{MASQ_MARK} -j ACCEPT");
-    let _ = writeln!(filter_rules, "-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT");
+    let _ = writeln!(
+        nat_rules,
+        "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS"
+    );
+    let _ = writeln!(
+        filter_rules,
+        "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP"
+    );
+    let _ = writeln!(
+        filter_rules,
+        "-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark {MASQ_MARK}/{MASQ_MARK} -j ACCEPT"
+    );
+    let _ = writeln!(
+        filter_rules,
+        "-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
+    );
     let mut out = String::with_capacity(nat_rules.len() + nat_chains.len() + 4096);
     out.push_str("*filter\n");
     out.push_str(&filter_chains);
@@ -349,7 +456,11 @@ pub fn nft_rules(c: &Cluster, st: &Settings) -> (String, RuleStats) {
         ("nat-output", "nat", "output", "-100"),
         ("nat-postrouting", "nat", "postrouting", "100"),
     ] {
-        chain(&mut s, name, &format!("type {ty} hook {hook} priority {prio} ;"));
+        chain(
+            &mut s,
+            name,
+            &format!("type {ty} hook {hook} priority {prio} ;"),
+        );
     }
     for name in [
         "nodeport-endpoints-check",
@@ -380,29 +491,101 @@ pub fn nft_rules(c: &Cluster, st: &Settings) -> (String, RuleStats) {
     rule(&mut s, "nat-output", "jump services");
     rule(&mut s, "nat-prerouting", "jump services");
     rule(&mut s, "nat-postrouting", "jump masquerading");
-    rule(&mut s, "filter-forward", "ct state new jump cluster-ips-check");
-    rule(&mut s, "filter-output-post-dnat", "ct state new jump cluster-ips-check");
-    rule(&mut s, "mark-for-masquerade", &format!("mark set mark or {MASQ_MARK}"));
-    rule(&mut s, "masquerading", &format!("mark and {MASQ_MARK} == 0 return"));
-    rule(&mut s, "masquerading", &format!("mark set mark xor {MASQ_MARK}"));
+    rule(
+        &mut s,
+        "filter-forward",
+        "ct state new jump cluster-ips-check",
+    );
+    rule(
+        &mut s,
+        "filter-output-post-dnat",
+        "ct state new jump cluster-ips-check",
+    );
+    rule(
+        &mut s,
+        "mark-for-masquerade",
+        &format!("mark set mark or {MASQ_MARK}"),
+    );
+    rule(
+        &mut s,
+        "masquerading",
+        &format!("mark and {MASQ_MARK} == 0 return"),
+    );
+    rule(
+        &mut s,
+        "masquerading",
+        &format!("mark set mark xor {MASQ_MARK}"),
+    );
     rule(&mut s, "masquerading", "masquerade fully-random");
-    let _ = writeln!(s, "add set {t} cluster-ips {{ type ipv4_addr ; comment \"Active ClusterIPs\" ; }}");
-    rule(&mut s, "cluster-ips-check", "ip daddr @cluster-ips reject comment \"Reject traffic to invalid ports of ClusterIPs\"");
-    rule(&mut s, "cluster-ips-check", &format!("ip daddr {{ {} }} drop comment \"Drop traffic to unallocated ClusterIPs\"", st.service_cidr));
+    let _ = writeln!(
+        s,
+        "add set {t} cluster-ips {{ type ipv4_addr ; comment \"Active ClusterIPs\" ; }}"
+    );
+    rule(
+        &mut s,
+        "cluster-ips-check",
+        "ip daddr @cluster-ips reject comment \"Reject traffic to invalid ports of ClusterIPs\"",
+    );
+    rule(
+        &mut s,
+        "cluster-ips-check",
+        &format!(
+            "ip daddr {{ {} }} drop comment \"Drop traffic to unallocated ClusterIPs\"",
+            st.service_cidr
+        ),
+    );
     // Default --nodeport-addresses in nftables mode: the node's primary IP.
-    let _ = writeln!(s, "add set {t} nodeport-ips {{ type ipv4_addr ; comment \"IPs that accept NodePort traffic\" ; }}");
+    let _ = writeln!(
+        s,
+        "add set {t} nodeport-ips {{ type ipv4_addr ; comment \"IPs that accept NodePort traffic\" ; }}"
+    );
     let _ = writeln!(s, "add element {t} nodeport-ips {{ {} }}", st.node_ip);
-    let _ = writeln!(s, "add map {t} no-endpoint-services {{ type ipv4_addr . inet_proto . inet_service : verdict ; comment \"vmap to drop or reject packets to services with no endpoints\" ; }}");
-    let _ = writeln!(s, "add map {t} no-endpoint-nodeports {{ type inet_proto . inet_service : verdict ; comment \"vmap to drop or reject packets to service nodeports with no endpoints\" ; }}");
+    let _ = writeln!(
+        s,
+        "add map {t} no-endpoint-services {{ type ipv4_addr . inet_proto . inet_service : verdict ; comment \"vmap to drop or reject packets to services with no endpoints\" ; }}"
+    );
+    let _ = writeln!(
+        s,
+        "add map {t} no-endpoint-nodeports {{ type inet_proto . inet_service : verdict ; comment \"vmap to drop or reject packets to service nodeports with no endpoints\" ; }}"
+    );
     rule(&mut s, "reject-chain", "reject");
-    rule(&mut s, "service-endpoints-check", "ip daddr . meta l4proto . th dport vmap @no-endpoint-services");
-    rule(&mut s, "nodeport-endpoints-check", "ip daddr @nodeport-ips meta l4proto . th dport vmap @no-endpoint-nodeports");
-    let _ = writeln!(s, "add map {t} firewall-ips {{ type ipv4_addr . inet_proto . inet_service : verdict ; comment \"destinations that are subject to LoadBalancerSourceRanges\" ; }}");
-    rule(&mut s, "firewall-check", "ip daddr . meta l4proto . th dport vmap @firewall-ips");
-    let _ = writeln!(s, "add map {t} service-ips {{ type ipv4_addr . inet_proto . inet_service : verdict ; comment \"ClusterIP, ExternalIP and LoadBalancer IP traffic\" ; }}");
-    let _ = writeln!(s, "add map {t} service-nodeports {{ type inet_proto . inet_service : verdict ; comment \"NodePort traffic\" ; }}");
-    rule(&mut s, "services", "ip daddr . meta l4proto . th dport vmap @service-ips");
-    rule(&mut s, "services", "ip daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports");
+    rule(
+        &mut s,
+        "service-endpoints-check",
+        "ip daddr . meta l4proto . th dport vmap @no-endpoint-services",
+    );
+    rule(
+        &mut s,
+        "nodeport-endpoints-check",
+        "ip daddr @nodeport-ips meta l4proto . th dport vmap @no-endpoint-nodeports",
+    );
+    let _ = writeln!(
+        s,
+        "add map {t} firewall-ips {{ type ipv4_addr . inet_proto . inet_service : verdict ; comment \"destinations that are subject to LoadBalancerSourceRanges\" ; }}"
+    );
+    rule(
+        &mut s,
+        "firewall-check",
+        "ip daddr . meta l4proto . th dport vmap @firewall-ips",
+    );
+    let _ = writeln!(
+        s,
+        "add map {t} service-ips {{ type ipv4_addr . inet_proto . inet_service : verdict ; comment \"ClusterIP, ExternalIP and LoadBalancer IP traffic\" ; }}"
+    );
+    let _ = writeln!(
+        s,
+        "add map {t} service-nodeports {{ type inet_proto . inet_service : verdict ; comment \"NodePort traffic\" ; }}"
+    );
+    rule(
+        &mut s,
+        "services",
+        "ip daddr . meta l4proto . th dport vmap @service-ips",
+    );
+    rule(
+        &mut s,
+        "services",
+        "ip daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports",
+    );
 
     for sp in &ports {
         let Some(vip) = sp.cluster_ip else { continue };
@@ -416,12 +599,23 @@ pub fn nft_rules(c: &Cluster, st: &Settings) -> (String, RuleStats) {
         let port = sp.port.port;
         let node_port = sp.port.node_port;
         let external = node_port != 0
-            && matches!(sp.svc.type_, ServiceType::NodePort | ServiceType::LoadBalancer);
+            && matches!(
+                sp.svc.type_,
+                ServiceType::NodePort | ServiceType::LoadBalancer
+            );
         let _ = writeln!(s, "add element {t} cluster-ips {{ {vip} }}");
         if sp.endpoints.is_empty() {
-            let _ = writeln!(s, "add element {t} no-endpoint-services {{ {vip} . {p} . {port} comment \"{}\" : goto reject-chain }}", sp.name);
+            let _ = writeln!(
+                s,
+                "add element {t} no-endpoint-services {{ {vip} . {p} . {port} comment \"{}\" : goto reject-chain }}",
+                sp.name
+            );
             if external {
-                let _ = writeln!(s, "add element {t} no-endpoint-nodeports {{ {p} . {node_port} comment \"{}\" : goto reject-chain }}", sp.name);
+                let _ = writeln!(
+                    s,
+                    "add element {t} no-endpoint-nodeports {{ {p} . {node_port} comment \"{}\" : goto reject-chain }}",
+                    sp.name
+                );
             }
             continue;
         }
@@ -445,11 +639,24 @@ pub fn nft_rules(c: &Cluster, st: &Settings) -> (String, RuleStats) {
         if external {
             chain(&mut s, &ext_chain, "");
         }
-        let _ = writeln!(s, "add element {t} service-ips {{ {vip} . {p} . {port} : goto {svc_chain} }}");
+        let _ = writeln!(
+            s,
+            "add element {t} service-ips {{ {vip} . {p} . {port} : goto {svc_chain} }}"
+        );
         if external {
-            let _ = writeln!(s, "add element {t} service-nodeports {{ {p} . {node_port} : goto {ext_chain} }}");
+            let _ = writeln!(
+                s,
+                "add element {t} service-nodeports {{ {p} . {node_port} : goto {ext_chain} }}"
+            );
         }
-        rule(&mut s, &svc_chain, &format!("ip daddr {vip} {p} dport {port} ip saddr != {} jump mark-for-masquerade", st.cluster_cidr));
+        rule(
+            &mut s,
+            &svc_chain,
+            &format!(
+                "ip daddr {vip} {p} dport {port} ip saddr != {} jump mark-for-masquerade",
+                st.cluster_cidr
+            ),
+        );
         if external {
             rule(&mut s, &ext_chain, "jump mark-for-masquerade");
             rule(&mut s, &ext_chain, &format!("goto {svc_chain}"));
@@ -459,9 +666,21 @@ pub fn nft_rules(c: &Cluster, st: &Settings) -> (String, RuleStats) {
             .enumerate()
             .map(|(i, e)| format!("{i} : goto {e}"))
             .collect();
-        rule(&mut s, &svc_chain, &format!("numgen random mod {} vmap {{ {} }}", eps.len(), vmap.join(" , ")));
+        rule(
+            &mut s,
+            &svc_chain,
+            &format!(
+                "numgen random mod {} vmap {{ {} }}",
+                eps.len(),
+                vmap.join(" , ")
+            ),
+        );
         for ((ip, eport), e) in sp.endpoints.iter().zip(&eps) {
-            rule(&mut s, e, &format!("ip saddr {ip} jump mark-for-masquerade"));
+            rule(
+                &mut s,
+                e,
+                &format!("ip saddr {ip} jump mark-for-masquerade"),
+            );
             rule(&mut s, e, &format!("meta l4proto {p} dnat to {ip}:{eport}"));
         }
     }
@@ -499,7 +718,10 @@ mod tests {
     fn chain_names_follow_the_upstream_hashing() {
         // Upstream proxier_test.go (TestOverallIPTablesRules): ns1/svc1:p80 over tcp is
         // KUBE-SVC-XPGD46QRK7WJZT7O, its endpoint 10.180.0.1:80 KUBE-SEP-SXIVWICOYRO3J4NJ.
-        assert_eq!(ipt_chain("KUBE-SVC-", "ns1/svc1:p80", "tcp", ""), "KUBE-SVC-XPGD46QRK7WJZT7O");
+        assert_eq!(
+            ipt_chain("KUBE-SVC-", "ns1/svc1:p80", "tcp", ""),
+            "KUBE-SVC-XPGD46QRK7WJZT7O"
+        );
         assert_eq!(
             ipt_chain("KUBE-SEP-", "ns1/svc1:p80", "tcp", "10.180.0.1:80"),
             "KUBE-SEP-SXIVWICOYRO3J4NJ"
@@ -526,7 +748,11 @@ mod tests {
         assert!(r.contains("! -s 10.244.0.0/16 -j KUBE-MARK-MASQ"));
         assert!(r.trim_end().ends_with("COMMIT"));
         // The NodePort jump is the last rule of KUBE-SERVICES.
-        let last = r.lines().filter(|l| l.starts_with("-A KUBE-SERVICES")).last().unwrap();
+        let last = r
+            .lines()
+            .filter(|l| l.starts_with("-A KUBE-SERVICES"))
+            .last()
+            .unwrap();
         assert!(last.contains("KUBE-NODEPORTS"), "{last}");
     }
 
@@ -536,7 +762,11 @@ mod tests {
         assert_eq!(st.endpoints, 31);
         assert_eq!(r.matches("numgen random mod 10 vmap").count(), 3);
         assert_eq!(r.matches(" dnat to ").count(), 31);
-        assert_eq!(r.matches("add element ip kube-proxy service-nodeports").count(), 1);
+        assert_eq!(
+            r.matches("add element ip kube-proxy service-nodeports")
+                .count(),
+            1
+        );
     }
 
     #[test]
@@ -546,8 +776,14 @@ mod tests {
             s.endpoints.clear();
         }
         let (r, _) = iptables_rules(&c, &settings());
-        assert!(r.contains("has no endpoints\" -m tcp -p tcp -d 10.96.1.0 --dport 80 -j REJECT"), "{r}");
+        assert!(
+            r.contains("has no endpoints\" -m tcp -p tcp -d 10.96.1.0 --dport 80 -j REJECT"),
+            "{r}"
+        );
         let (r, _) = nft_rules(&c, &settings());
-        assert!(r.contains("no-endpoint-services { 10.96.1.0 . tcp . 80"), "{r}");
+        assert!(
+            r.contains("no-endpoint-services { 10.96.1.0 . tcp . 80"),
+            "{r}"
+        );
     }
 }

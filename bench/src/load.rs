@@ -95,7 +95,9 @@ fn worker(a: &LoadArgs, idx: usize, per_thread: u64, deadline: Instant) -> Threa
                     Ok(())
                 })();
                 match r {
-                    Ok(()) => out.lat_ns.push(start.elapsed().as_nanos().min(u32::MAX as u128) as u32),
+                    Ok(()) => out
+                        .lat_ns
+                        .push(start.elapsed().as_nanos().min(u32::MAX as u128) as u32),
                     Err(e) => {
                         fail(&mut out, format!("{t}: {e}"));
                         if out.errors > 1000 {
@@ -123,7 +125,9 @@ fn worker(a: &LoadArgs, idx: usize, per_thread: u64, deadline: Instant) -> Threa
                     .write_all(b"req\n")
                     .and_then(|_| read_lines(&mut s, 1, &mut buf));
                 match r {
-                    Ok(()) => out.lat_ns.push(start.elapsed().as_nanos().min(u32::MAX as u128) as u32),
+                    Ok(()) => out
+                        .lat_ns
+                        .push(start.elapsed().as_nanos().min(u32::MAX as u128) as u32),
                     Err(e) => {
                         fail(&mut out, format!("{t}: {e}"));
                         break;

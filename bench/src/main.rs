@@ -11,8 +11,8 @@
 //! - [`suite`]: the whole run (labs, baselines, measurements) into results.json.
 //! - [`report`]: results.json into RESULTS.md and SVG plots.
 
-mod control;
 mod cluster;
+mod control;
 mod kubeproxy;
 mod load;
 mod progcost;
@@ -25,7 +25,10 @@ use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "weir-bench", about = "weir's benchmarks (measurements, never tests)")]
+#[command(
+    name = "weir-bench",
+    about = "weir's benchmarks (measurements, never tests)"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -106,7 +109,11 @@ enum Cmd {
     },
 }
 
-fn write_report(v: &serde_json::Value, results: &std::path::Path, md: &std::path::Path) -> Result<()> {
+fn write_report(
+    v: &serde_json::Value,
+    results: &std::path::Path,
+    md: &std::path::Path,
+) -> Result<()> {
     let md_dir = md.parent().unwrap_or(std::path::Path::new("."));
     let abs_md = std::fs::canonicalize(md_dir)?;
     let abs_res = std::fs::canonicalize(results)?;
@@ -157,7 +164,10 @@ fn main() -> Result<()> {
                 results_md.display()
             );
             if v["complete"] != serde_json::json!(true) {
-                anyhow::bail!("the run did not complete (see the notes in {})", results_md.display());
+                anyhow::bail!(
+                    "the run did not complete (see the notes in {})",
+                    results_md.display()
+                );
             }
         }
         Cmd::Report {
@@ -165,7 +175,10 @@ fn main() -> Result<()> {
             results_md,
         } => {
             let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&results)?)?;
-            let dir = results.parent().unwrap_or(std::path::Path::new(".")).to_path_buf();
+            let dir = results
+                .parent()
+                .unwrap_or(std::path::Path::new("."))
+                .to_path_buf();
             write_report(&v, &dir, &results_md)?;
         }
         Cmd::Gen { dir, scales } => cluster::write_all(&dir, &scales)?,

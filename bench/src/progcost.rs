@@ -70,8 +70,14 @@ pub fn cluster(n: usize) -> Result<weir_core::model::Cluster> {
 pub fn capacities(n: usize) -> BTreeMap<String, u32> {
     let frontends = (n + 16) as u32;
     [
-        (weir_common::maps::SERVICES.to_string(), (frontends * 12).max(65536)),
-        (weir_common::maps::REV_NAT.to_string(), (frontends * 2).max(65536)),
+        (
+            weir_common::maps::SERVICES.to_string(),
+            (frontends * 12).max(65536),
+        ),
+        (
+            weir_common::maps::REV_NAT.to_string(),
+            (frontends * 2).max(65536),
+        ),
     ]
     .into()
 }
@@ -108,7 +114,10 @@ pub fn measure(n: usize, runs: u32) -> Result<Vec<PathCost>> {
     // packet of it: frontend lookup, conntrack hit, DNAT.
     let first = h.run(Hook::FromPod, &packet::tcp(client, front, SYN, b""))?;
     if first.verdict != TC_ACT_OK {
-        bail!("SYN to {front} was not forwarded (verdict {})", first.verdict);
+        bail!(
+            "SYN to {front} was not forwarded (verdict {})",
+            first.verdict
+        );
     }
     let backend = {
         let p = first.parsed();
@@ -137,15 +146,35 @@ pub fn measure(n: usize, runs: u32) -> Result<Vec<PathCost>> {
         && p.ip_csum_ok
         && p.l4_csum_ok;
     // A pod talking to a pod IP: no frontend, its own conntrack entry after the first.
-    let plain = packet::tcp(client, sock(&cluster::backend_ip(1).to_string(), 8080), ACK, b"x");
+    let plain = packet::tcp(
+        client,
+        sock(&cluster::backend_ip(1).to_string(), 8080),
+        ACK,
+        b"x",
+    );
     let r = h.run(Hook::FromPod, &plain)?;
     let plain_ok = r.verdict == TC_ACT_OK && r.parsed().dst == cluster::backend_ip(1);
 
     let mut out = Vec::new();
     for (path, frame, ok, what) in [
-        ("service", &est, service_ok, format!("DNAT {front} -> {backend}, checksums valid ({flows} FLOW entries)")),
-        ("revnat", &reply, revnat_ok, format!("reply source {backend} -> {front}, checksums valid")),
-        ("plain", &plain, plain_ok, "forwarded untranslated".to_string()),
+        (
+            "service",
+            &est,
+            service_ok,
+            format!("DNAT {front} -> {backend}, checksums valid ({flows} FLOW entries)"),
+        ),
+        (
+            "revnat",
+            &reply,
+            revnat_ok,
+            format!("reply source {backend} -> {front}, checksums valid"),
+        ),
+        (
+            "plain",
+            &plain,
+            plain_ok,
+            "forwarded untranslated".to_string(),
+        ),
     ] {
         if !ok {
             bail!("the {path} path did not do what it should ({what}) at {n} Services");
@@ -175,7 +204,8 @@ pub fn measure(n: usize, runs: u32) -> Result<Vec<PathCost>> {
         median_ns: rep.duration.as_nanos() as f64,
         mean_ns: rep.duration.as_nanos() as f64,
         p99_ns: rep.duration.as_nanos() as f64,
-        verified: "one BPF_PROG_TEST_RUN with repeat (kernel average per run; same path every run)".into(),
+        verified: "one BPF_PROG_TEST_RUN with repeat (kernel average per run; same path every run)"
+            .into(),
     });
     Ok(out)
 }

@@ -12,10 +12,26 @@ pub const DATAPLANES: &[&str] = &["weir", "weir-nosocklb", "iptables", "nftables
 const COLORS: &[&str] = &["#1b7f3b", "#7fbf3f", "#c0392b", "#2e6fbf", "#555555"];
 
 pub const METRICS: &[(&str, &str, &str)] = &[
-    ("crr_clusterip", "new connections/s, pod -> ClusterIP (connect, request, reply, close)", "conn/s"),
-    ("rr_clusterip", "request/response on a kept-alive connection, pod -> ClusterIP", "req/s"),
-    ("crr_nodeport", "new connections/s, external client -> NodePort", "conn/s"),
-    ("throughput_clusterip", "single-stream iperf3 throughput, pod -> ClusterIP", "Gbit/s"),
+    (
+        "crr_clusterip",
+        "new connections/s, pod -> ClusterIP (connect, request, reply, close)",
+        "conn/s",
+    ),
+    (
+        "rr_clusterip",
+        "request/response on a kept-alive connection, pod -> ClusterIP",
+        "req/s",
+    ),
+    (
+        "crr_nodeport",
+        "new connections/s, external client -> NodePort",
+        "conn/s",
+    ),
+    (
+        "throughput_clusterip",
+        "single-stream iperf3 throughput, pod -> ClusterIP",
+        "Gbit/s",
+    ),
 ];
 
 type Table = BTreeMap<(String, String, u64), Value>;
@@ -190,7 +206,13 @@ pub fn render(v: &Value, dir: &Path, rel: &str) -> Result<String> {
         ("loadavg_start", "load average at start"),
         ("loadavg_end", "load average at end"),
     ] {
-        let _ = writeln!(s, "| {label} | `{}` |", m[k].as_str().map(str::to_string).unwrap_or_else(|| m[k].to_string()));
+        let _ = writeln!(
+            s,
+            "| {label} | `{}` |",
+            m[k].as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| m[k].to_string())
+        );
     }
     let _ = writeln!(
         s,
@@ -208,14 +230,23 @@ pub fn render(v: &Value, dir: &Path, rel: &str) -> Result<String> {
         s,
         "\n**Noise.** The machine has 2 cores shared with other engineers' builds and tests; absolute figures move by tens of percent between runs (compare the load averages above). Ratios within one run are steadier, but a build that starts in the middle of one dataplane's runs still skews them: read small differences (< 10-15 %) as equal.\n"
     );
-    let _ = writeln!(s, "Raw data: [`{rel}/results.json`]({rel}/results.json). Reproduce: `bench/run.sh --quick` (or `--full`), as root on a machine set up by `scripts/bootstrap.sh`; `weir-bench report {rel}/results.json` regenerates this file and the plots.\n");
+    let _ = writeln!(
+        s,
+        "Raw data: [`{rel}/results.json`]({rel}/results.json). Reproduce: `bench/run.sh --quick` (or `--full`), as root on a machine set up by `scripts/bootstrap.sh`; `weir-bench report {rel}/results.json` regenerates this file and the plots.\n"
+    );
 
     // Datapath.
     let _ = writeln!(s, "## Datapath\n");
-    let _ = writeln!(s, "One node (`node-a`), a client pod and 10 backend pods (`weir serve`); N Services of 10 endpoints each, all on the backend pool; the probed Service sits at the median of the Service list (its expected position in kube-proxy's randomly ordered KUBE-SERVICES chain). `weir` = socket LB on (connect-time translation in the node's cgroup), `weir-nosocklb` = the per-packet TC path, `iptables`/`nftables` = kube-proxy's rules generated from the same YAML and loaded into the node namespace, `bare` = the client talks to pod IPs directly (no Service, the ceiling). External clients reach the NodePort (bare: the pod IPs) through the lab's fabric.\n");
+    let _ = writeln!(
+        s,
+        "One node (`node-a`), a client pod and 10 backend pods (`weir serve`); N Services of 10 endpoints each, all on the backend pool; the probed Service sits at the median of the Service list (its expected position in kube-proxy's randomly ordered KUBE-SERVICES chain). `weir` = socket LB on (connect-time translation in the node's cgroup), `weir-nosocklb` = the per-packet TC path, `iptables`/`nftables` = kube-proxy's rules generated from the same YAML and loaded into the node namespace, `bare` = the client talks to pod IPs directly (no Service, the ceiling). External clients reach the NodePort (bare: the pod IPs) through the lab's fabric.\n"
+    );
     for (metric, title, unit) in METRICS {
         let _ = writeln!(s, "### {title} ({unit})\n");
-        let _ = writeln!(s, "| Services | weir | weir-nosocklb | iptables | nftables | bare | weir/iptables | weir/nftables | weir/bare | weir-nosocklb/iptables |\n|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(
+            s,
+            "| Services | weir | weir-nosocklb | iptables | nftables | bare | weir/iptables | weir/nftables | weir/bare | weir-nosocklb/iptables |\n|---|---|---|---|---|---|---|---|---|---|"
+        );
         for n in &xs {
             let g = |dp: &str| val(&t, metric, dp, *n);
             let cell = |dp: &str| g(dp).map(fmt).unwrap_or_else(|| "–".into());
@@ -238,14 +269,29 @@ pub fn render(v: &Value, dir: &Path, rel: &str) -> Result<String> {
         let _ = writeln!(s, "\n![{title}]({rel}/{file})\n");
     }
     let _ = writeln!(s, "### Latency p50 / p99 (µs)\n");
-    let _ = writeln!(s, "| metric | Services | weir | weir-nosocklb | iptables | nftables | bare |\n|---|---|---|---|---|---|---|");
+    let _ = writeln!(
+        s,
+        "| metric | Services | weir | weir-nosocklb | iptables | nftables | bare |\n|---|---|---|---|---|---|---|"
+    );
     for (metric, label) in [
-        ("crr_clusterip", "request on a new connection, pod -> ClusterIP"),
-        ("crr_nodeport", "request on a new connection, external -> NodePort"),
-        ("rr_clusterip", "request on a kept-alive connection, pod -> ClusterIP"),
+        (
+            "crr_clusterip",
+            "request on a new connection, pod -> ClusterIP",
+        ),
+        (
+            "crr_nodeport",
+            "request on a new connection, external -> NodePort",
+        ),
+        (
+            "rr_clusterip",
+            "request on a kept-alive connection, pod -> ClusterIP",
+        ),
     ] {
         for n in &xs {
-            let cell = |dp: &str| match (lat(&t, metric, dp, *n, "p50_us"), lat(&t, metric, dp, *n, "p99_us")) {
+            let cell = |dp: &str| match (
+                lat(&t, metric, dp, *n, "p50_us"),
+                lat(&t, metric, dp, *n, "p99_us"),
+            ) {
                 (Some(a), Some(b)) => format!("{} / {}", fmt(a), fmt(b)),
                 _ => "–".into(),
             };
@@ -277,24 +323,50 @@ pub fn render(v: &Value, dir: &Path, rel: &str) -> Result<String> {
         })
         .collect();
     if !errs.is_empty() {
-        let _ = writeln!(s, "\nErrors during the runs (each failed operation is excluded from the rate and latency):\n\n{}", errs.join("\n"));
+        let _ = writeln!(
+            s,
+            "\nErrors during the runs (each failed operation is excluded from the rate and latency):\n\n{}",
+            errs.join("\n")
+        );
     }
     let bad_probes: Vec<String> = v["probes"]
         .as_array()
         .into_iter()
         .flatten()
-        .filter(|p| p["summary"]["connected"].as_u64().unwrap_or(0) == 0 && !p["to"].as_str().unwrap_or("").ends_with(":5201"))
-        .map(|p| format!("- {} at {} Services: {} -> {}: {}", p["dataplane"].as_str().unwrap_or(""), p["services"], p["from"].as_str().unwrap_or(""), p["to"].as_str().unwrap_or(""), p["summary"]))
+        .filter(|p| {
+            p["summary"]["connected"].as_u64().unwrap_or(0) == 0
+                && !p["to"].as_str().unwrap_or("").ends_with(":5201")
+        })
+        .map(|p| {
+            format!(
+                "- {} at {} Services: {} -> {}: {}",
+                p["dataplane"].as_str().unwrap_or(""),
+                p["services"],
+                p["from"].as_str().unwrap_or(""),
+                p["to"].as_str().unwrap_or(""),
+                p["summary"]
+            )
+        })
         .collect();
     if !bad_probes.is_empty() {
-        let _ = writeln!(s, "\nConnectivity checks (`weir lab probe`, 5 connections) that failed before measuring:\n\n{}", bad_probes.join("\n"));
+        let _ = writeln!(
+            s,
+            "\nConnectivity checks (`weir lab probe`, 5 connections) that failed before measuring:\n\n{}",
+            bad_probes.join("\n")
+        );
     }
 
     // Per-packet cost.
     if let Some(pc) = v["progcost"].as_array() {
         let _ = writeln!(s, "\n## Per-packet program cost (BPF_PROG_TEST_RUN)\n");
-        let _ = writeln!(s, "`tc_from_pod` on maps programmed by the real pipeline from the benchmark YAML. Each packet is run with `repeat = 1` from a fresh copy, many times (a repeated skb would be the rewritten one and take another path); the kernel's per-run time (ns, including its timer read) is summarised. Each path's first run is checked (verdict, rewritten addresses, checksums).\n");
-        let _ = writeln!(s, "| path | Services | policies | runs | median ns | mean ns | p99 ns | checked |\n|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(
+            s,
+            "`tc_from_pod` on maps programmed by the real pipeline from the benchmark YAML. Each packet is run with `repeat = 1` from a fresh copy, many times (a repeated skb would be the rewritten one and take another path); the kernel's per-run time (ns, including its timer read) is summarised. Each path's first run is checked (verdict, rewritten addresses, checksums).\n"
+        );
+        let _ = writeln!(
+            s,
+            "| path | Services | policies | runs | median ns | mean ns | p99 ns | checked |\n|---|---|---|---|---|---|---|---|"
+        );
         for p in pc {
             let _ = writeln!(
                 s,
@@ -315,7 +387,11 @@ pub fn render(v: &Value, dir: &Path, rel: &str) -> Result<String> {
                 .and_then(|p| p["median_ns"].as_f64())
         };
         for path in ["service", "revnat", "plain", "plain-repeat"] {
-            let _ = writeln!(s, "\n- {path}: 50k / 1 Services = {}", ratio(med(path, 50_000), med(path, 1)));
+            let _ = writeln!(
+                s,
+                "\n- {path}: 50k / 1 Services = {}",
+                ratio(med(path, 50_000), med(path, 1))
+            );
         }
         if let Some(p) = v["progcost_policy"].as_str() {
             let _ = writeln!(s, "- policy path (0 / 1k policies): {p}");
@@ -325,8 +401,14 @@ pub fn render(v: &Value, dir: &Path, rel: &str) -> Result<String> {
     // Control plane.
     let _ = writeln!(s, "\n## Control plane\n");
     if let Some(cp) = v["control_weir"].as_array() {
-        let _ = writeln!(s, "weir's sync path (incremental pipeline + syncer) programming the benchmark YAML from nothing, in its own process; peak = VmHWM with the peak reset after the YAML was parsed into the model (so it includes the model, as the agent's Store holds it, and the loaded object); then single-endpoint readiness flips, each from the change set to the map write done.\n");
-        let _ = writeln!(s, "| datapath | Services | endpoints | map ops | wall s | CPU s | peak MiB | RSS before MiB | process max RSS MiB | changes | change p50 µs | change p99 µs | max µs | ops per change |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(
+            s,
+            "weir's sync path (incremental pipeline + syncer) programming the benchmark YAML from nothing, in its own process; peak = VmHWM with the peak reset after the YAML was parsed into the model (so it includes the model, as the agent's Store holds it, and the loaded object); then single-endpoint readiness flips, each from the change set to the map write done.\n"
+        );
+        let _ = writeln!(
+            s,
+            "| datapath | Services | endpoints | map ops | wall s | CPU s | peak MiB | RSS before MiB | process max RSS MiB | changes | change p50 µs | change p99 µs | max µs | ops per change |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        );
         for c in cp {
             let f = |k: &str| fmt(c[k].as_f64().unwrap_or(0.0));
             let _ = writeln!(
@@ -350,8 +432,14 @@ pub fn render(v: &Value, dir: &Path, rel: &str) -> Result<String> {
         }
     }
     if let Some(loads) = v["rule_loads"].as_array() {
-        let _ = writeln!(s, "\nkube-proxy's rules for the same YAML (generated by weir-bench from the upstream proxiers), loaded into the lab's empty node namespace, timed from process start to exit; max RSS of the loader:\n");
-        let _ = writeln!(s, "| tool | Services | endpoints | chains | rules | input MiB | wall s | CPU s | max RSS MiB |\n|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(
+            s,
+            "\nkube-proxy's rules for the same YAML (generated by weir-bench from the upstream proxiers), loaded into the lab's empty node namespace, timed from process start to exit; max RSS of the loader:\n"
+        );
+        let _ = writeln!(
+            s,
+            "| tool | Services | endpoints | chains | rules | input MiB | wall s | CPU s | max RSS MiB |\n|---|---|---|---|---|---|---|---|---|"
+        );
         for l in loads {
             let _ = writeln!(
                 s,
@@ -391,7 +479,21 @@ pub fn render(v: &Value, dir: &Path, rel: &str) -> Result<String> {
     }
     if v["control_policy"].is_object() {
         let p = &v["control_policy"];
-        let _ = writeln!(s, "\nNetworkPolicy: {} — {} s wall, {} s CPU, max RSS {} MiB. Its output:\n\n```\n{}\n```", p["what"].as_str().unwrap_or(""), fmt(p["wall_s"].as_f64().unwrap_or(0.0)), fmt(p["cpu_s"].as_f64().unwrap_or(0.0)), fmt(p["max_rss_mib"].as_f64().unwrap_or(0.0)), p["output"].as_array().into_iter().flatten().filter_map(|l| l.as_str()).collect::<Vec<_>>().join("\n"));
+        let _ = writeln!(
+            s,
+            "\nNetworkPolicy: {} — {} s wall, {} s CPU, max RSS {} MiB. Its output:\n\n```\n{}\n```",
+            p["what"].as_str().unwrap_or(""),
+            fmt(p["wall_s"].as_f64().unwrap_or(0.0)),
+            fmt(p["cpu_s"].as_f64().unwrap_or(0.0)),
+            fmt(p["max_rss_mib"].as_f64().unwrap_or(0.0)),
+            p["output"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|l| l.as_str())
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
     }
     targets(&mut s, v, &t);
     // Hand-written reading of this run (why a target is missed, what the profile showed),
@@ -424,7 +526,13 @@ fn targets(s: &mut String, v: &Value, t: &Table) {
         };
         if let (Some(a), Some(b)) = (med("service", 1), med("service", 50_000)) {
             let r = b / a;
-            let _ = writeln!(s, "| per-packet cost flat 1 -> 50k Services (service path) | {} ns -> {} ns ({r:.2}x) | {} |", fmt(a), fmt(b), yes(r < 1.15));
+            let _ = writeln!(
+                s,
+                "| per-packet cost flat 1 -> 50k Services (service path) | {} ns -> {} ns ({r:.2}x) | {} |",
+                fmt(a),
+                fmt(b),
+                yes(r < 1.15)
+            );
         }
     }
     let xs = scales(t);
@@ -435,28 +543,67 @@ fn targets(s: &mut String, v: &Value, t: &Table) {
             let i = val(t, "crr_clusterip", "iptables", n);
             let nf = val(t, "crr_clusterip", "nftables", n);
             if let (Some(w), Some(i)) = (w, i) {
-                let _ = writeln!(s, "| >= 1.5x iptables' connection rate at 10k Services | {:.2}x at {n} | {} |", w / i, yes(w / i >= 1.5));
+                let _ = writeln!(
+                    s,
+                    "| >= 1.5x iptables' connection rate at 10k Services | {:.2}x at {n} | {} |",
+                    w / i,
+                    yes(w / i >= 1.5)
+                );
             }
             if let (Some(w), Some(nf)) = (w, nf) {
-                let _ = writeln!(s, "| ahead of nftables' connection rate at 10k Services | {:.2}x at {n} | {} |", w / nf, yes(w > nf));
+                let _ = writeln!(
+                    s,
+                    "| ahead of nftables' connection rate at 10k Services | {:.2}x at {n} | {} |",
+                    w / nf,
+                    yes(w > nf)
+                );
             }
         }
         None => {
-            let _ = writeln!(s, "| >= 1.5x iptables / ahead of nftables in connection rate at 10k Services | not measured in this run (datapath scales {xs:?}; 10k and 50k are in `--full`) | – |");
+            let _ = writeln!(
+                s,
+                "| >= 1.5x iptables / ahead of nftables in connection rate at 10k Services | not measured in this run (datapath scales {xs:?}; 10k and 50k are in `--full`) | – |"
+            );
         }
     }
     for n in &xs {
-        if let (Some(w), Some(b)) = (val(t, "rr_clusterip", "weir", *n), val(t, "rr_clusterip", "bare", *n)) {
-            let _ = writeln!(s, "| request/response within 10% of bare with socket LB on ({n} Services) | {:.2}x bare | {} |", w / b, yes(w / b >= 0.9));
+        if let (Some(w), Some(b)) = (
+            val(t, "rr_clusterip", "weir", *n),
+            val(t, "rr_clusterip", "bare", *n),
+        ) {
+            let _ = writeln!(
+                s,
+                "| request/response within 10% of bare with socket LB on ({n} Services) | {:.2}x bare | {} |",
+                w / b,
+                yes(w / b >= 0.9)
+            );
         }
     }
-    if let Some(real) = v["control_weir"].as_array().and_then(|c| c.iter().find(|c| c["datapath"] == "real")) {
+    if let Some(real) = v["control_weir"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["datapath"] == "real"))
+    {
         let ws = real["wall_s"].as_f64().unwrap_or(0.0);
         let wm = real["peak_mib"].as_f64().unwrap_or(0.0);
         let p99 = real["change_p99_us"].as_f64().unwrap_or(0.0);
-        let _ = writeln!(s, "| program 10k Services / 100k endpoints in < 2 s | {} s | {} |", fmt(ws), yes(ws < 2.0));
-        let _ = writeln!(s, "| ... using < 200 MB | {} MiB peak | {} |", fmt(wm), yes(wm * 1.048576 < 200.0));
-        let _ = writeln!(s, "| one endpoint change to the map in < 10 ms at p99 | {} µs | {} |", fmt(p99), yes(p99 < 10_000.0));
+        let _ = writeln!(
+            s,
+            "| program 10k Services / 100k endpoints in < 2 s | {} s | {} |",
+            fmt(ws),
+            yes(ws < 2.0)
+        );
+        let _ = writeln!(
+            s,
+            "| ... using < 200 MB | {} MiB peak | {} |",
+            fmt(wm),
+            yes(wm * 1.048576 < 200.0)
+        );
+        let _ = writeln!(
+            s,
+            "| one endpoint change to the map in < 10 ms at p99 | {} µs | {} |",
+            fmt(p99),
+            yes(p99 < 10_000.0)
+        );
     }
 }
 

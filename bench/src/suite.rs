@@ -86,7 +86,10 @@ struct Timed {
 fn timed(prog: &str, args: &[&str]) -> Result<Timed> {
     let rss_file = tempfile("maxrss")?;
     let mut cmd = Command::new("/usr/bin/time");
-    cmd.args(["-f", "%M", "-o"]).arg(&rss_file).arg(prog).args(args);
+    cmd.args(["-f", "%M", "-o"])
+        .arg(&rss_file)
+        .arg(prog)
+        .args(args);
     Ok(Timed { cmd, rss_file })
 }
 
@@ -156,7 +159,8 @@ impl LabGuard {
         // Written before `up`, so that run.sh's trap can bring it down if we are killed.
         std::fs::write(marker, name)?;
         let mut cmd = Command::new(weir);
-        cmd.args(["lab", "up", "--name", name, "--timeout-s", "600"]).args(files);
+        cmd.args(["lab", "up", "--name", name, "--timeout-s", "600"])
+            .args(files);
         let out = cmd.output().context("weir lab up")?;
         let mut g = LabGuard {
             name: name.into(),
@@ -193,7 +197,10 @@ impl LabGuard {
     }
 
     fn node_netns(&self) -> String {
-        self.view["nodes"][0]["netns"].as_str().unwrap_or_default().to_string()
+        self.view["nodes"][0]["netns"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
     }
 
     fn node_cgroup(&self) -> PathBuf {
@@ -201,7 +208,10 @@ impl LabGuard {
     }
 
     fn ext_netns(&self) -> String {
-        self.view["external"]["netns"].as_str().unwrap_or_default().to_string()
+        self.view["external"]["netns"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
     }
 
     fn pod_netns(&self, name: &str) -> Result<String> {
@@ -219,12 +229,24 @@ impl LabGuard {
     /// client's default source address).
     fn probe(&self, from: &str, to: &str, port: u16) -> Result<Value> {
         let out = Command::new(&self.weir)
-            .args(["lab", "probe", "--name", &self.name, "--from", from, "--to", to])
-            .args(["--port", &port.to_string(), "--count", "5", "--timeout-ms", "2000"])
+            .args([
+                "lab", "probe", "--name", &self.name, "--from", from, "--to", to,
+            ])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--count",
+                "5",
+                "--timeout-ms",
+                "2000",
+            ])
             .output()
             .context("weir lab probe")?;
         if !out.status.success() {
-            bail!("weir lab probe failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "weir lab probe failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         let v: Value = serde_json::from_slice(&out.stdout)?;
         Ok(v["summary"].clone())
@@ -267,7 +289,13 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn load(&self, ns: &str, cgroup: Option<&Path>, targets: &str, mode: &str) -> Result<LoadResult> {
+    fn load(
+        &self,
+        ns: &str,
+        cgroup: Option<&Path>,
+        targets: &str,
+        mode: &str,
+    ) -> Result<LoadResult> {
         let mut cmd = Command::new(&self.self_exe);
         cmd.args(["load", "--targets", targets, "--mode", mode])
             .args(["--duration-ms", &((self.secs * 1000.0) as u64).to_string()])
@@ -275,25 +303,39 @@ impl Ctx<'_> {
         weir::lab::topology::prepare_child(&mut cmd, Some(ns), cgroup, false)?;
         let out = cmd.output().context("weir-bench load")?;
         if !out.status.success() {
-            bail!("load generator failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "load generator failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(serde_json::from_slice(&out.stdout)?)
     }
 
-    fn iperf(&self, ns: &str, cgroup: Option<&Path>, target: &str) -> Result<(f64, Option<String>)> {
+    fn iperf(
+        &self,
+        ns: &str,
+        cgroup: Option<&Path>,
+        target: &str,
+    ) -> Result<(f64, Option<String>)> {
         let mut cmd = Command::new("iperf3");
         cmd.args(["-c", target, "-p", &cluster::IPERF_PORT.to_string(), "-J"])
             .args(["-t", &format!("{}", self.secs.ceil() as u64)]);
         weir::lab::topology::prepare_child(&mut cmd, Some(ns), cgroup, false)?;
         let out = cmd.output().context("iperf3")?;
         let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-        let bps = v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0);
+        let bps = v["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .unwrap_or(0.0);
         let err = v["error"].as_str().map(str::to_string);
         Ok((bps / 1e9, err))
     }
 
     /// Median of `reps` runs of `f` (by value).
-    fn median<T: Clone>(&self, mut f: impl FnMut() -> Result<T>, key: impl Fn(&T) -> f64) -> Result<T> {
+    fn median<T: Clone>(
+        &self,
+        mut f: impl FnMut() -> Result<T>,
+        key: impl Fn(&T) -> f64,
+    ) -> Result<T> {
         let mut v = Vec::new();
         for _ in 0..self.reps {
             v.push(f()?);
@@ -311,10 +353,18 @@ impl Ctx<'_> {
             let pods: Vec<String> = (0..cluster::BACKENDS)
                 .map(|i| format!("{}:{}", cluster::backend_ip(i), cluster::TARGET_PORT))
                 .collect();
-            (pods.join(","), cluster::backend_ip(0).to_string(), pods.join(","))
+            (
+                pods.join(","),
+                cluster::backend_ip(0).to_string(),
+                pods.join(","),
+            )
         } else {
             (
-                format!("{}:{}", cluster::service_ip(cluster::probe_index(n)), cluster::SERVICE_PORT),
+                format!(
+                    "{}:{}",
+                    cluster::service_ip(cluster::probe_index(n)),
+                    cluster::SERVICE_PORT
+                ),
                 cluster::IPERF_VIP.to_string(),
                 format!("{}:{}", cluster::NODE_IP, cluster::NODE_PORT),
             )
@@ -332,9 +382,15 @@ impl Ctx<'_> {
                 note: r.first_error.clone(),
             })
         };
-        let r = self.median(|| self.load(&client, Some(&cg), &cluster_t, "crr"), |r| r.rate)?;
+        let r = self.median(
+            || self.load(&client, Some(&cg), &cluster_t, "crr"),
+            |r| r.rate,
+        )?;
         push(&mut self.points, "crr_clusterip", "conn/s", &r);
-        let r = self.median(|| self.load(&client, Some(&cg), &cluster_t, "rr"), |r| r.rate)?;
+        let r = self.median(
+            || self.load(&client, Some(&cg), &cluster_t, "rr"),
+            |r| r.rate,
+        )?;
         push(&mut self.points, "rr_clusterip", "req/s", &r);
         let r = self.median(|| self.load(&ext, None, &nodeport_t, "crr"), |r| r.rate)?;
         push(&mut self.points, "crr_nodeport", "conn/s", &r);
@@ -442,7 +498,8 @@ fn baselines(cx: &mut Ctx, dir: &Path, lab_name: &str, marker: &Path) -> Result<
     }
     // The control-plane comparison at CP_SCALE (10k Services / 100k endpoints) when that
     // is not a datapath scale of this run: load times only, no traffic.
-    if !cx.o.scales.contains(&CP_SCALE) && (only("control") || only("iptables") || only("nftables")) {
+    if !cx.o.scales.contains(&CP_SCALE) && (only("control") || only("iptables") || only("nftables"))
+    {
         let n = CP_SCALE;
         let c = cluster_of(&cluster::services_path(dir, n))?;
         eprintln!("weir-bench: kube-proxy rule loads at {n} Services (no traffic)");
@@ -461,7 +518,13 @@ pub const CP_SCALE: usize = 10_000;
 
 /// kube-proxy's iptables rules for `c`, timed through iptables-legacy-restore in the
 /// node namespace (peak RSS and CPU from wait4).
-fn load_iptables(cx: &mut Ctx, node: &str, dir: &Path, c: &weir_core::model::Cluster, n: usize) -> Result<()> {
+fn load_iptables(
+    cx: &mut Ctx,
+    node: &str,
+    dir: &Path,
+    c: &weir_core::model::Cluster,
+    n: usize,
+) -> Result<()> {
     let t = Instant::now();
     let (rules, stats) = kubeproxy::iptables_rules(c, &kp_settings());
     let generate_s = t.elapsed().as_secs_f64();
@@ -469,17 +532,28 @@ fn load_iptables(cx: &mut Ctx, node: &str, dir: &Path, c: &weir_core::model::Clu
     std::fs::write(&jumps, kubeproxy::iptables_jumps())?;
     let file = dir.join(format!("iptables-{n}.rules"));
     std::fs::write(&file, &rules)?;
-    let p = run_rusage(in_ns(node, "iptables-legacy-restore", &["-w", "--noflush"])?, Some(&jumps))?;
+    let p = run_rusage(
+        in_ns(node, "iptables-legacy-restore", &["-w", "--noflush"])?,
+        Some(&jumps),
+    )?;
     if !p.ok {
         bail!("iptables-legacy-restore (jumps): {}", p.stderr);
     }
     let p = run_rusage(
-        in_ns(node, "iptables-legacy-restore", &["-w", "--noflush", "--counters"])?,
+        in_ns(
+            node,
+            "iptables-legacy-restore",
+            &["-w", "--noflush", "--counters"],
+        )?,
         Some(&file),
     )?;
     let _ = std::fs::remove_file(&file);
     if !p.ok {
-        bail!("iptables-legacy-restore of {} failed: {}", file.display(), p.stderr);
+        bail!(
+            "iptables-legacy-restore of {} failed: {}",
+            file.display(),
+            p.stderr
+        );
     }
     cx.loads.push(RuleLoad {
         tool: "iptables-legacy-restore".into(),
@@ -496,7 +570,10 @@ fn load_iptables(cx: &mut Ctx, node: &str, dir: &Path, c: &weir_core::model::Clu
 fn flush_iptables(node: &str) -> Result<()> {
     for table in ["nat", "filter"] {
         for op in ["-F", "-X"] {
-            let p = run_rusage(in_ns(node, "iptables-legacy", &["-w", "-t", table, op])?, None)?;
+            let p = run_rusage(
+                in_ns(node, "iptables-legacy", &["-w", "-t", table, op])?,
+                None,
+            )?;
             if !p.ok {
                 bail!("iptables-legacy -t {table} {op}: {}", p.stderr);
             }
@@ -506,13 +583,22 @@ fn flush_iptables(node: &str) -> Result<()> {
 }
 
 /// kube-proxy's nftables ruleset for `c`, timed through `nft -f` in the node namespace.
-fn load_nft(cx: &mut Ctx, node: &str, dir: &Path, c: &weir_core::model::Cluster, n: usize) -> Result<()> {
+fn load_nft(
+    cx: &mut Ctx,
+    node: &str,
+    dir: &Path,
+    c: &weir_core::model::Cluster,
+    n: usize,
+) -> Result<()> {
     let t = Instant::now();
     let (rules, stats) = kubeproxy::nft_rules(c, &kp_settings());
     let generate_s = t.elapsed().as_secs_f64();
     let file = dir.join(format!("nftables-{n}.nft"));
     std::fs::write(&file, &rules)?;
-    let p = run_rusage(in_ns(node, "nft", &["-f", &file.display().to_string()])?, None)?;
+    let p = run_rusage(
+        in_ns(node, "nft", &["-f", &file.display().to_string()])?,
+        None,
+    )?;
     let _ = std::fs::remove_file(&file);
     if !p.ok {
         bail!(
@@ -534,7 +620,10 @@ fn load_nft(cx: &mut Ctx, node: &str, dir: &Path, c: &weir_core::model::Cluster,
 }
 
 fn flush_nft(node: &str) -> Result<()> {
-    let p = run_rusage(in_ns(node, "nft", &["delete", "table", "ip", "kube-proxy"])?, None)?;
+    let p = run_rusage(
+        in_ns(node, "nft", &["delete", "table", "ip", "kube-proxy"])?,
+        None,
+    )?;
     if !p.ok {
         bail!("nft delete table: {}", p.stderr);
     }
@@ -543,7 +632,13 @@ fn flush_nft(node: &str) -> Result<()> {
 
 /// A weir lab (socket LB on or off) through every scale, ascending (`apply` adds
 /// Services).
-fn weir_runs(cx: &mut Ctx, dir: &Path, lab_name: &str, socket_lb: bool, marker: &Path) -> Result<()> {
+fn weir_runs(
+    cx: &mut Ctx,
+    dir: &Path,
+    lab_name: &str,
+    socket_lb: bool,
+    marker: &Path,
+) -> Result<()> {
     let dp = if socket_lb { "weir" } else { "weir-nosocklb" };
     let cfg = dir.join(format!("labconfig-{dp}.yaml"));
     std::fs::write(&cfg, cluster::lab_config(socket_lb, "weir"))?;
@@ -552,7 +647,11 @@ fn weir_runs(cx: &mut Ctx, dir: &Path, lab_name: &str, socket_lb: bool, marker: 
     let mut lab = LabGuard::up(
         &cx.o.weir,
         lab_name,
-        &[cfg, dir.join("pods.yaml"), cluster::services_path(dir, scales[0])],
+        &[
+            cfg,
+            dir.join("pods.yaml"),
+            cluster::services_path(dir, scales[0]),
+        ],
         marker,
     )?;
     let up_s = t.elapsed().as_secs_f64();
@@ -637,7 +736,9 @@ pub fn run(o: &Opts) -> Result<Value> {
             v.extend(crate::progcost::measure(n, runs)?);
         }
         out["progcost"] = serde_json::to_value(v)?;
-        out["progcost_policy"] = json!("not measured: the NetworkPolicy datapath (programs consulting IPCACHE/POLICY) has not landed on main; the policy maps are written by the agent but no program reads them yet");
+        out["progcost_policy"] = json!(
+            "not measured: the NetworkPolicy datapath (programs consulting IPCACHE/POLICY) has not landed on main; the policy maps are written by the agent but no program reads them yet"
+        );
     }
 
     // 2. Control plane (weir side; kube-proxy's load times come from step 3).
@@ -650,7 +751,15 @@ pub fn run(o: &Opts) -> Result<Value> {
             let exe = self_exe.display().to_string();
             let cmd = timed(
                 &exe,
-                &["cp-weir", "--services", &n.to_string(), "--changes", &changes.to_string(), "--datapath", dp],
+                &[
+                    "cp-weir",
+                    "--services",
+                    &n.to_string(),
+                    "--changes",
+                    &changes.to_string(),
+                    "--datapath",
+                    dp,
+                ],
             )?;
             let p = run_rusage(cmd, None)?;
             if !p.ok {
@@ -695,8 +804,13 @@ pub fn run(o: &Opts) -> Result<Value> {
     out["rule_loads"] = serde_json::to_value(&cx.loads)?;
     out["probes"] = Value::Array(cx.probes.clone());
     out["notes"] = serde_json::to_value(&cx.notes)?;
-    out["meta"]["loadavg_end"] = json!(std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim());
-    out["meta"]["durations"] = json!({"seconds_per_run": cx.secs, "repetitions": cx.reps, "threads": 1});
+    out["meta"]["loadavg_end"] = json!(
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+    );
+    out["meta"]["durations"] =
+        json!({"seconds_per_run": cx.secs, "repetitions": cx.reps, "threads": 1});
     out["complete"] = json!(datapath.is_ok());
     Ok(out)
 }
