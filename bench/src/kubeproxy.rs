@@ -750,8 +750,7 @@ mod tests {
         // The NodePort jump is the last rule of KUBE-SERVICES.
         let last = r
             .lines()
-            .filter(|l| l.starts_with("-A KUBE-SERVICES"))
-            .last()
+            .rfind(|l| l.starts_with("-A KUBE-SERVICES"))
             .unwrap();
         assert!(last.contains("KUBE-NODEPORTS"), "{last}");
     }

@@ -457,8 +457,10 @@ pub fn render(v: &Value, dir: &Path, rel: &str) -> Result<String> {
         }
     }
     // weir against kube-proxy's loaders at the same scale.
-    if let (Some(cp), Some(loads)) = (v["control_weir"].as_array(), v["rule_loads"].as_array()) {
-        if let Some(real) = cp.iter().find(|c| c["datapath"] == "real") {
+    if let (Some(cp), Some(loads)) = (v["control_weir"].as_array(), v["rule_loads"].as_array())
+        && let Some(real) = cp.iter().find(|c| c["datapath"] == "real")
+    {
+        {
             let n = real["services"].as_u64().unwrap_or(0);
             let ws = real["wall_s"].as_f64().unwrap_or(0.0);
             let wm = real["peak_mib"].as_f64().unwrap_or(0.0);
@@ -501,8 +503,10 @@ pub fn render(v: &Value, dir: &Path, rel: &str) -> Result<String> {
     if let Ok(a) = std::fs::read_to_string(dir.join("analysis.md")) {
         let _ = writeln!(s, "\n{}", a.trim_end());
     }
-    if let Some(notes) = v["notes"].as_array() {
-        if !notes.is_empty() {
+    if let Some(notes) = v["notes"].as_array()
+        && !notes.is_empty()
+    {
+        {
             let _ = writeln!(s, "\n## Notes from the run\n");
             for n in notes {
                 let _ = writeln!(s, "- {}", n.as_str().unwrap_or(""));
