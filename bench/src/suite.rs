@@ -498,8 +498,7 @@ fn baselines(cx: &mut Ctx, dir: &Path, lab_name: &str, marker: &Path) -> Result<
     }
     // The control-plane comparison at CP_SCALE (10k Services / 100k endpoints) when that
     // is not a datapath scale of this run: load times only, no traffic.
-    if !cx.o.scales.contains(&CP_SCALE) && (only("control") || only("iptables") || only("nftables"))
-    {
+    if !cx.o.scales.contains(&CP_SCALE) && only("control") {
         let n = CP_SCALE;
         let c = cluster_of(&cluster::services_path(dir, n))?;
         eprintln!("weir-bench: kube-proxy rule loads at {n} Services (no traffic)");
