@@ -1033,3 +1033,90 @@ spec:
             .starts_with("[2001:db8:113::2]:")
     );
 }
+
+#[test]
+fn dataplane_none_builds_the_topology_without_agents_and_translates_nothing() {
+    // The benchmarks' baseline labs: pods, servers and routes as usual, no agent, so a
+    // pod reaches pod IPs but a ClusterIP goes nowhere until someone loads rules.
+    let (lab, v) = TestLab::up(
+        "apiVersion: weir.dev/v1alpha1\nkind: LabConfig\ndataplane: none\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {name: client, namespace: d}\nspec: {containers: [{name: c}]}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: d, labels: {app: web}}\n\
+         spec: {containers: [{name: c, ports: [{containerPort: 8080}]}]}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: d}\n\
+         spec: {clusterIP: 10.96.0.50, selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}\n",
+    );
+    assert_eq!(v["programmed"], true, "{v}");
+    for n in v["nodes"].as_array().unwrap() {
+        assert!(n["agent"]["pid"].is_null(), "no agent expected: {n}");
+    }
+    let st = lab.state();
+    assert!(
+        st["nodes"]
+            .as_object()
+            .unwrap()
+            .values()
+            .all(|n| n["agent"].is_null()),
+        "{st}"
+    );
+    let web = pod(&v, "d", "web")["ips"][0].as_str().unwrap().to_string();
+    let direct = lab.probe("d/client", &web, 8080, "TCP", 2);
+    assert_eq!(direct["summary"]["connected"], 2, "{direct}");
+    let vip = lab.probe("d/client", "svc/d/web", 80, "TCP", 1);
+    assert_eq!(vip["summary"]["connected"], 0, "nothing translates: {vip}");
+    // apply returns without agents to wait for.
+    let a = lab.apply(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: web2, namespace: d, labels: {app: web}}\n\
+         spec: {containers: [{name: c, ports: [{containerPort: 8080}]}]}\n",
+    );
+    assert_eq!(a["programmed"], true, "{a}");
+    let web2 = pod(&a, "d", "web2")["ips"][0].as_str().unwrap().to_string();
+    let direct = lab.probe("d/client", &web2, 8080, "TCP", 1);
+    assert_eq!(direct["summary"]["connected"], 1, "{direct}");
+}
+
+#[test]
+fn map_sizes_reach_the_agents() {
+    let (_lab, v) = TestLab::up(
+        "apiVersion: weir.dev/v1alpha1\nkind: LabConfig\nmapSizes: [SERVICES=131072]\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: d, labels: {app: web}}\n\
+         spec: {containers: [{name: c, ports: [{containerPort: 8080}]}]}\n",
+    );
+    assert_eq!(v["programmed"], true, "{v}");
+    let pid = v["nodes"][0]["agent"]["pid"].as_u64().unwrap();
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let i = args
+        .iter()
+        .position(|a| a == "--map-size")
+        .expect("--map-size passed");
+    assert_eq!(args[i + 1], "SERVICES=131072");
+    let pins = std::path::PathBuf::from(v["nodes"][0]["agent"]["pinDir"].as_str().unwrap());
+    let info = aya::maps::MapInfo::from_pin(pins.join("maps").join("SERVICES")).unwrap();
+    assert_eq!(info.max_entries(), 131072);
+    let bad = lab_cmd(&[
+        "up",
+        "--name",
+        &support::lab::unique_name(),
+        &write_bad_config(),
+    ]);
+    assert!(
+        bad.as_ref().is_err_and(|e| e.contains("mapSizes")),
+        "{bad:?}"
+    );
+}
+
+fn write_bad_config() -> String {
+    let dir = std::env::temp_dir().join(format!("weir-lab-badcfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("cfg.yaml");
+    std::fs::write(
+        &p,
+        "apiVersion: weir.dev/v1alpha1\nkind: LabConfig\nmapSizes: [SERVICES]\n",
+    )
+    .unwrap();
+    p.display().to_string()
+}

@@ -110,6 +110,26 @@ pub struct LabConfig {
     /// through the per-packet path.
     #[serde(rename = "socketLB", default = "yes")]
     pub socket_lb: bool,
+    /// What programs the nodes' Service and policy datapath: `weir` (one agent per node,
+    /// the default) or `none` (no agents: the nodes are plain routers, for baselines such
+    /// as kube-proxy's rules loaded into the node namespaces by the benchmarks).
+    #[serde(default)]
+    pub dataplane: Dataplane,
+    /// Map capacities every agent gets (`--map-size NAME=ENTRIES`), for labs with more
+    /// Services than the default maps hold (the benchmarks at 10k-50k Services).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub map_sizes: Vec<String>,
+}
+
+/// Who programs a lab's nodes (`LabConfig.dataplane`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dataplane {
+    /// One `weir agent` per node.
+    #[default]
+    Weir,
+    /// No agent: nothing translates Services; pods and routes only.
+    None,
 }
 
 fn yes() -> bool {
@@ -127,6 +147,8 @@ impl Default for LabConfig {
             load_balancer_cidrs: vec!["198.51.100.0/24".parse().expect("cidr")],
             node_port_range: [30000, 32767],
             socket_lb: true,
+            dataplane: Dataplane::Weir,
+            map_sizes: Vec::new(),
         }
     }
 }
@@ -162,6 +184,10 @@ pub struct LabConfigDoc {
     pub node_port_range: Option<String>,
     #[serde(rename = "socketLB", default)]
     pub socket_lb: Option<bool>,
+    #[serde(default)]
+    pub dataplane: Option<Dataplane>,
+    #[serde(default)]
+    pub map_sizes: Option<Vec<String>>,
 }
 
 fn family_of(n: &IpNet) -> Family {
@@ -238,6 +264,22 @@ impl LabConfig {
             }
             if let Some(v) = d.socket_lb {
                 c.socket_lb = v;
+            }
+            if let Some(v) = d.dataplane {
+                c.dataplane = v;
+            }
+            if let Some(v) = &d.map_sizes {
+                for m in v {
+                    let ok = m.split_once('=').is_some_and(|(k, n)| {
+                        !k.is_empty() && n.parse::<u32>().is_ok_and(|n| n > 0)
+                    });
+                    if !ok {
+                        return Err(SpecError::Config(format!(
+                            "mapSizes entry {m:?}: use NAME=ENTRIES (e.g. SERVICES=1048576)"
+                        )));
+                    }
+                }
+                c.map_sizes = v.clone();
             }
         }
         if !pod_cidrs.is_empty() {

@@ -559,6 +559,10 @@ impl Lab {
         .map(|s| s.to_string())
         .collect();
         args.extend(self.state.agent_flags.iter().cloned());
+        for m in &self.state.config.map_sizes {
+            args.push("--map-size".into());
+            args.push(m.clone());
+        }
         if self.state.config.socket_lb {
             // The node's cgroup holds its pods' processes and its host probes.
             args.push("--cgroup".into());
@@ -877,8 +881,11 @@ impl Lab {
         Ok(generation)
     }
 
-    /// Starts an agent on every node that has none running.
+    /// Starts an agent on every node that has none running (none with `dataplane: none`).
     pub fn start_agents(&mut self) -> Result<()> {
+        if self.state.config.dataplane == spec::Dataplane::None {
+            return Ok(());
+        }
         let nodes: Vec<String> = self.state.nodes.keys().cloned().collect();
         for n in nodes {
             self.start_agent(&n)?;
@@ -918,6 +925,10 @@ impl Lab {
     /// pod veth and its uplink. No sleeps stand in for this: it polls the pinned CONFIG
     /// map and link pins.
     pub fn wait_programmed(&self, generation: u64, timeout: Duration) -> Result<()> {
+        if self.state.config.dataplane == spec::Dataplane::None {
+            // No agents: the topology is complete once reconcile returned.
+            return Ok(());
+        }
         let deadline = Instant::now() + timeout;
         loop {
             let mut lagging = Vec::new();

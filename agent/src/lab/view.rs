@@ -214,11 +214,14 @@ pub fn lab_view(lab: &Lab, changes: Option<Vec<Change>>) -> LabView {
             },
         })
         .collect();
+    // Without a dataplane (`dataplane: none`) there is nothing to program: the lab is
+    // ready once its topology exists.
     let programmed = !nodes.is_empty()
-        && nodes.iter().all(|n| {
-            n.agent.process.as_ref().is_some_and(|p| p.running)
-                && n.agent.programmed_generation >= st.generation
-        });
+        && (st.config.dataplane == spec::Dataplane::None
+            || nodes.iter().all(|n| {
+                n.agent.process.as_ref().is_some_and(|p| p.running)
+                    && n.agent.programmed_generation >= st.generation
+            }));
     let pods = r
         .pods
         .iter()

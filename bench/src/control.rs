@@ -1,0 +1,164 @@
+//! Control plane: the agent's sync path (Store snapshot -> incremental pipeline ->
+//! Syncer -> Datapath) programming the benchmark cluster from nothing, into the real BPF
+//! maps (the loaded object with fresh, throwaway pins) or into the fake datapath, then
+//! the latency of single EndpointSlice changes (one endpoint's readiness flips: the
+//! change set the Store hands the loop, through the syncer, to the map write done).
+//!
+//! Run as its own process (`weir-bench cp-weir`) so that its peak memory (VmHWM) is its
+//! own: the YAML is parsed into the model first (the agent's Store holds the same), the
+//! peak is reset (`/proc/self/clear_refs` = 5), then the sync runs. What is left out:
+//! the source side of the agent (directory polling or API watches), which is the same
+//! for every dataplane.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use serde::Serialize;
+use weir_core::{
+    datapath::{Datapath, FakeDatapath},
+    image::MapImage,
+    model::ObjRef,
+    pipeline::ChangeSet,
+    sync::{SyncInput, Syncer},
+};
+
+use crate::{cluster, progcost};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct WeirSync {
+    pub datapath: String,
+    pub services: usize,
+    pub endpoints: usize,
+    pub ops: usize,
+    pub wall_s: f64,
+    pub cpu_s: f64,
+    /// VmHWM after the program, with the peak reset just before it (model included).
+    pub peak_mib: f64,
+    /// VmRSS before the sync (the parsed model and the loaded object).
+    pub before_mib: f64,
+    pub changes: usize,
+    pub change_p50_us: f64,
+    pub change_p99_us: f64,
+    pub change_max_us: f64,
+    pub change_ops_mean: f64,
+}
+
+fn status_kib(field: &str) -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
+}
+
+fn cpu_now() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+fn run_sync<D: Datapath>(
+    n: usize,
+    changes: usize,
+    datapath: &str,
+    dp: &mut D,
+    before_mib: f64,
+    mut c: weir_core::model::Cluster,
+) -> WeirSync {
+    let mut s = Syncer::new(
+        progcost::settings(),
+        MapImage::default(),
+        Default::default(),
+    );
+    // Peak memory from here on.
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let t = Instant::now();
+    let cpu = cpu_now();
+    let r = s.sync(
+        SyncInput {
+            cluster: &c,
+            changes: &ChangeSet::everything(),
+            sources_synced: true,
+            generation: 1,
+        },
+        dp,
+    );
+    let wall = t.elapsed();
+    let cpu = cpu_now() - cpu;
+    let peak = status_kib("VmHWM:") / 1024.0;
+    let mut lat = Vec::with_capacity(changes);
+    let mut ops = 0usize;
+    for round in 0..changes {
+        // Spread over the Services (a prime stride), alternating endpoints.
+        let sid = ObjRef::new(
+            cluster::NAMESPACE,
+            format!("{}-bench", cluster::service_name((round * 7919) % n)),
+        );
+        let Some(slice) = c.slices.get_mut(&sid) else {
+            continue;
+        };
+        let e = &mut slice.endpoints[round % cluster::ENDPOINTS_PER_SERVICE];
+        e.ready = Some(!e.ready.unwrap_or(true));
+        let cs = ChangeSet {
+            slices: [sid].into(),
+            ..Default::default()
+        };
+        let t = Instant::now();
+        let r = s.sync(
+            SyncInput {
+                cluster: &c,
+                changes: &cs,
+                sources_synced: true,
+                generation: 2 + round as u64,
+            },
+            dp,
+        );
+        lat.push(t.elapsed().as_nanos().min(u32::MAX as u128) as u32);
+        ops += r.ops;
+    }
+    lat.sort_unstable();
+    WeirSync {
+        datapath: datapath.into(),
+        services: n,
+        endpoints: n * cluster::ENDPOINTS_PER_SERVICE,
+        ops: r.ops,
+        wall_s: wall.as_secs_f64(),
+        cpu_s: cpu.as_secs_f64(),
+        peak_mib: peak,
+        before_mib,
+        changes: lat.len(),
+        change_p50_us: crate::load::percentile(&lat, 0.5) / 1e3,
+        change_p99_us: crate::load::percentile(&lat, 0.99) / 1e3,
+        change_max_us: lat.last().copied().unwrap_or(0) as f64 / 1e3,
+        change_ops_mean: ops as f64 / lat.len().max(1) as f64,
+    }
+}
+
+/// `weir-bench cp-weir`: parse the YAML like the agent, then program it.
+pub fn weir_sync(n: usize, changes: usize, datapath: &str) -> Result<WeirSync> {
+    let c = progcost::cluster(n)?;
+    match datapath {
+        "real" => {
+            let mut h = weir::testing::prog::ProgHarness::with_capacities(progcost::capacities(n))
+                .context("loading the datapath")?;
+            let before = status_kib("VmRSS:") / 1024.0;
+            Ok(run_sync(n, changes, datapath, &mut h.dp, before, c))
+        }
+        "fake" => {
+            let mut dp = FakeDatapath::default();
+            let before = status_kib("VmRSS:") / 1024.0;
+            let mut r = run_sync(n, changes, datapath, &mut dp, before, c);
+            // The fake keeps an op log for tests; it is not agent memory, but it is in
+            // the peak: say so rather than hide it.
+            r.datapath = "fake (peak includes the fake's op log and map copy)".into();
+            Ok(r)
+        }
+        other => anyhow::bail!("datapath must be real or fake, not {other}"),
+    }
+}
