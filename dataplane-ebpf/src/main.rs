@@ -6,6 +6,7 @@
 //! - `lb`: frontend lookup and backend selection.
 //! - `nat`: header rewrites with checksum updates.
 //! - `metrics`: per-CPU counters.
+//! - `events`: flow and drop events (rate-limited ring buffer), per-Service counters.
 //! - `reject`: TCP RST / ICMP port unreachable generated in place.
 //! - `icmp`: ICMP errors about translated flows, translated back.
 //! - `sock`: socket-level load balancing (cgroup sock_addr hooks).
@@ -15,6 +16,8 @@
 
 #[cfg(target_arch = "bpf")]
 mod ct;
+#[cfg(target_arch = "bpf")]
+mod events;
 #[cfg(target_arch = "bpf")]
 mod flow;
 #[cfg(target_arch = "bpf")]
@@ -66,22 +69,22 @@ mod programs {
 
     #[cgroup_sock_addr(connect4)]
     pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
-        sock::translate(&ctx, false)
+        sock::translate(&ctx, false, true)
     }
 
     #[cgroup_sock_addr(connect6)]
     pub fn sock_connect6(ctx: SockAddrContext) -> i32 {
-        sock::translate(&ctx, true)
+        sock::translate(&ctx, true, true)
     }
 
     #[cgroup_sock_addr(sendmsg4)]
     pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
-        sock::translate(&ctx, false)
+        sock::translate(&ctx, false, false)
     }
 
     #[cgroup_sock_addr(sendmsg6)]
     pub fn sock_sendmsg6(ctx: SockAddrContext) -> i32 {
-        sock::translate(&ctx, true)
+        sock::translate(&ctx, true, false)
     }
 
     #[cgroup_sock_addr(recvmsg4)]
