@@ -49,7 +49,7 @@ pub struct FlowEvent {
     pub dport_be: u16,
     /// NetworkPolicy rule id that decided (`POLICY_RULES`), 0 if none.
     pub rule_id: u32,
-    /// Packet length.
+    /// Packet length as the hook saw it (skb->len: the link-layer header included).
     pub len: u32,
     /// Service port of the frontend the packet was addressed to, 0 if none.
     pub svc_port_id: u32,

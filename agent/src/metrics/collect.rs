@@ -155,7 +155,7 @@ impl Collector for WeirCollector {
         counters(
             &mut enc,
             "weir_datapath",
-            "Bytes the datapath handled (IP packet lengths), by reason, direction and verdict",
+            "Bytes the datapath handled (packet lengths as the hook saw them, link-layer header included), by reason, direction and verdict",
             Some(&Unit::Bytes),
             &by,
         )?;
