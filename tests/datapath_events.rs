@@ -378,3 +378,66 @@ fn a_kernel_log_line_reaches_tracing_at_debug_level() {
     assert!(line.contains("protocol 6 destination port 80"), "{line}");
     let _ = std::io::stdout().flush();
 }
+
+/// A restarted agent loads the programs anew and adopts the pinned maps: the datapath
+/// and per-Service counters (what `weir_datapath_*` and `weir_service_*` export) carry
+/// on from where they were instead of starting from zero, and the new programs add to
+/// them.
+#[test]
+fn counters_carry_on_across_a_reload_of_the_datapath() {
+    use aya::programs::{TestRun as _, TestRunOptions};
+    use weir::datapath::{Dataplane, LoadOptions};
+
+    pin_to_one_cpu();
+    let c = cluster(vec![
+        Svc::new("web", &["10.96.0.10"])
+            .port("http", 80, 8080, TCP)
+            .ep("10.244.2.7", REMOTE),
+    ]);
+    let img = image_with_flags(&c, 0);
+    let h = harness(&EventSettings::default(), &img);
+    let id = svc_port_id(&img, "10.96.0.10", 80);
+    let vip = sock("10.96.0.10", 80);
+    let syn = |port| packet::tcp(sock("10.244.1.5", port), vip, SYN, b"");
+    for port in [40000, 40001] {
+        assert_eq!(h.run(Hook::FromPod, &syn(port)).unwrap().verdict, TC_ACT_OK);
+    }
+    let before = AyaKernelCounters::open(&h.pin_dir).unwrap();
+    let (dp0, svc0) = (before.datapath().unwrap(), before.services().unwrap());
+    assert_eq!(dp0[&index(REASON_TRANSLATED, DIR_EGRESS)].packets, 2);
+    assert_eq!((svc0[&id].packets, svc0[&id].new_conns), (2, 2));
+    drop(before);
+
+    // The "restarted agent": a second load of the object on the same pin directory
+    // (fresh programs, adopted maps), and counters opened anew from the pins.
+    let again = Dataplane::load_with_events(
+        &LoadOptions {
+            pin_dir: h.pin_dir.clone(),
+            capacities: Default::default(),
+        },
+        &EventSettings::default(),
+    )
+    .expect("reload on the same pins");
+    let after = AyaKernelCounters::open(&h.pin_dir).unwrap();
+    assert_eq!(after.datapath().unwrap(), dp0, "nothing reset by the reload");
+    assert_eq!(after.services().unwrap(), svc0);
+
+    let frame = syn(40002);
+    let mut out = vec![0u8; frame.len() + 256];
+    let r = again
+        .program(Hook::FromPod)
+        .unwrap()
+        .test_run(TestRunOptions {
+            data_in: Some(&frame),
+            data_out: Some(&mut out),
+            repeat: 1,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(r.return_value as i32, TC_ACT_OK);
+    let dp1 = after.datapath().unwrap();
+    let svc1 = after.services().unwrap();
+    assert_eq!(dp1[&index(REASON_TRANSLATED, DIR_EGRESS)].packets, 3);
+    assert_eq!((svc1[&id].packets, svc1[&id].new_conns), (3, 3));
+    drop(again);
+}

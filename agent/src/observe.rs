@@ -548,3 +548,124 @@ impl Hooks for Observer {
         self.first = false;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::sync::mpsc;
+    use weir_core::{datapath::FakeDatapath, image::MapImage};
+
+    use super::*;
+    use crate::{
+        agent::{LoopConfig, run_loop},
+        source::{Event, Kind, Object, SourceEvent, yaml},
+        testing::shared::SharedFake,
+    };
+
+    fn svc(name: &str, i: u32) -> Object {
+        let y = format!(
+            "kind: Service\nmetadata: {{name: {name}, namespace: t}}\nspec: {{clusterIP: 10.96.0.{}, ports: [{{port: 80}}]}}\n",
+            i + 1
+        );
+        yaml::parse_documents(&y, "t").0.remove(0)
+    }
+
+    /// The value of the sample line starting with `prefix` (labels included).
+    fn value(text: &str, prefix: &str) -> Option<f64> {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    /// The Observer as the sync loop's hook, over the fake datapath: readiness follows
+    /// the sources' lists, and every sync updates the programming latency histogram (one
+    /// observation per changed object), the sync histogram, objects, map entries and
+    /// capacities.
+    #[tokio::test(start_paused = true)]
+    async fn the_observer_follows_the_sync_loop() {
+        let cfg = ObserveConfig {
+            metrics_addr: None,
+            api_socket: None,
+            health_addr: None,
+            service_health: false,
+            ..Default::default()
+        };
+        let obs = Observability::new(
+            cfg,
+            None,
+            Arc::new(crate::source::kube::KubeCounters::default()),
+        );
+        let fake = SharedFake::new(FakeDatapath::default());
+        let caps = crate::datapath::effective_capacities(&Default::default());
+        let mut observer = Observer::new(&obs, "n1", caps, None);
+        observer.attached();
+        let (metrics, ready) = (obs.metrics.clone(), obs.ready.clone());
+        let scrape = || metrics.render(None).1;
+
+        let mut store = Store::new();
+        store.register("test", &[Kind::Service]);
+        let (tx, rx) = mpsc::channel(64);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let loop_cfg = LoopConfig {
+            debounce: Duration::from_millis(100),
+            max_delay: Duration::from_secs(1),
+            housekeeping: Duration::from_secs(3600),
+            ..Default::default()
+        };
+        let mut dp = fake.clone();
+        let task = tokio::spawn(async move {
+            run_loop(loop_cfg, store, rx, &mut dp, MapImage::default(), &mut observer, async {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        let send = |event| {
+            let tx = tx.clone();
+            async move { tx.send(SourceEvent { source: 0, event }).await.unwrap() }
+        };
+
+        assert!(!ready.lock().unwrap().ready());
+        assert_eq!(value(&scrape(), "weir_ready "), Some(0.0));
+
+        send(Event::Init(Kind::Service)).await;
+        send(Event::InitApply(svc("a", 0))).await;
+        send(Event::InitDone(Kind::Service)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let t = scrape();
+        assert!(ready.lock().unwrap().ready(), "{:?}", ready.lock().unwrap().reasons());
+        assert_eq!(value(&t, "weir_ready "), Some(1.0));
+        assert_eq!(value(&t, "weir_objects{kind=\"Service\"}"), Some(1.0));
+        assert_eq!(value(&t, "weir_syncs_total "), Some(1.0));
+        assert_eq!(
+            value(&t, "weir_network_programming_duration_seconds_count{kind=\"Service\"}"),
+            Some(1.0)
+        );
+        assert_eq!(value(&t, "weir_sync_proxy_rules_duration_seconds_count "), Some(1.0));
+        let services = value(&t, "weir_map_entries{map=\"SERVICES\"}").unwrap();
+        assert_eq!(services as usize, fake.image().services.len());
+        assert!(services > 0.0);
+        assert_eq!(
+            value(&t, "weir_map_max_entries{map=\"SERVICES\"}"),
+            Some(f64::from(crate::datapath::effective_capacities(&Default::default())[weir_common::maps::SERVICES]))
+        );
+        assert!(value(&t, "weir_last_sync_timestamp_seconds ").unwrap() > 1.7e9);
+
+        // Two more Services in one burst: one sync, two programming observations.
+        send(Event::Apply(svc("b", 1))).await;
+        send(Event::Apply(svc("c", 2))).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let t = scrape();
+        assert_eq!(value(&t, "weir_syncs_total "), Some(2.0));
+        assert_eq!(value(&t, "weir_objects{kind=\"Service\"}"), Some(3.0));
+        assert_eq!(
+            value(&t, "weir_network_programming_duration_seconds_count{kind=\"Service\"}"),
+            Some(3.0)
+        );
+        assert_eq!(value(&t, "weir_sync_proxy_rules_duration_seconds_count "), Some(2.0));
+        assert_eq!(value(&t, "weir_service_ports{series=\"own\"}"), Some(3.0));
+        assert!(value(&t, "weir_map_entries{map=\"SERVICES\"}").unwrap() > services);
+
+        let _ = stop.send(());
+        task.await.unwrap();
+    }
+}

@@ -3,7 +3,7 @@
 //! `UPDATE_GOLDEN=1 cargo nextest run -p weir --lib metrics`).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     path::PathBuf,
     sync::{Arc, Mutex},
 };
@@ -422,4 +422,113 @@ fn golden_metrics_text() {
     m.hist.sync.observe(0.0021);
     golden("metrics.openmetrics.txt", &om(&m));
     golden("metrics.prometheus.txt", &m.render(None).1);
+}
+
+/// Sample names (`weir_x_total`, `weir_x_bucket`, ...) and family names of the golden
+/// Prometheus text exposition.
+fn golden_names() -> (BTreeSet<String>, BTreeSet<String>) {
+    let text = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata/metrics/metrics.prometheus.txt"),
+    )
+    .unwrap();
+    let mut samples = BTreeSet::new();
+    let mut families = BTreeSet::new();
+    for l in text.lines() {
+        if let Some(rest) = l.strip_prefix("# TYPE ") {
+            families.insert(rest.split(' ').next().unwrap().to_string());
+        } else if !l.starts_with('#') && !l.is_empty() {
+            samples.insert(l.split(['{', ' ']).next().unwrap().to_string());
+        }
+    }
+    (samples, families)
+}
+
+/// `weir_...` identifiers in a text.
+fn weir_names(text: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let b = text.as_bytes();
+    let mut i = 0;
+    while let Some(p) = text[i..].find("weir_") {
+        let start = i + p;
+        let mut end = start;
+        while end < b.len() && (b[end].is_ascii_alphanumeric() || b[end] == b'_') {
+            end += 1;
+        }
+        // Not part of a longer identifier (e.g. a path like agent/src/weir_x).
+        if start == 0 || !(b[start - 1].is_ascii_alphanumeric() || b[start - 1] == b'_') {
+            out.insert(text[start..end].to_string());
+        }
+        i = end;
+    }
+    out
+}
+
+#[test]
+fn dashboard_queries_only_metrics_the_agent_exports() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../manifests/grafana-dashboard.json");
+    let dash: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut exprs = Vec::new();
+    fn walk(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    match (k.as_str(), v) {
+                        ("expr" | "definition", serde_json::Value::String(s)) => {
+                            out.push(s.clone())
+                        }
+                        _ => walk(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    walk(&dash, &mut exprs);
+    assert!(exprs.len() > 20, "the dashboard has {} queries", exprs.len());
+    let (samples, _) = golden_names();
+    let mut used = BTreeSet::new();
+    for e in &exprs {
+        for n in weir_names(e) {
+            assert!(
+                samples.contains(&n),
+                "the dashboard queries {n}, which the agent does not export: {e}"
+            );
+            used.insert(n);
+        }
+    }
+    // The dashboard covers the headline series.
+    for n in [
+        "weir_ready",
+        "weir_datapath_packets_total",
+        "weir_service_packets_total",
+        "weir_network_programming_duration_seconds_bucket",
+        "weir_map_entries",
+        "weir_flow_events_total",
+    ] {
+        assert!(used.contains(n), "the dashboard does not show {n}");
+    }
+}
+
+#[test]
+fn docs_list_every_metric_and_no_other() {
+    let doc = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/metrics.md"),
+    )
+    .unwrap();
+    let (samples, families) = golden_names();
+    let documented = weir_names(&doc);
+    for f in &families {
+        // The text format names counters `_total` and infos `_info`; the docs use those.
+        let shown = [f.clone(), format!("{f}_total"), format!("{f}_info")];
+        assert!(
+            shown.iter().any(|n| documented.contains(n)),
+            "docs/metrics.md does not list {f}"
+        );
+    }
+    for n in &documented {
+        let known = samples.contains(n) || families.contains(n);
+        assert!(known, "docs/metrics.md names {n}, which the agent does not export");
+    }
 }
