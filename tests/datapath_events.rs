@@ -98,7 +98,9 @@ fn svc_port_id(img: &MapImage, vip: &str, port: u16) -> u32 {
 #[test]
 fn a_reject_and_a_drop_emit_events_naming_the_packet() {
     pin_to_one_cpu();
-    let c = cluster(vec![Svc::new("empty", &["10.96.0.10"]).port("http", 80, 8080, TCP)]);
+    let c = cluster(vec![
+        Svc::new("empty", &["10.96.0.10"]).port("http", 80, 8080, TCP),
+    ]);
     let img = image_with_flags(&c, 0);
     let mut h = harness(&EventSettings::default(), &img);
     let mut ring = h.dataplane.take_events().unwrap();
@@ -129,8 +131,15 @@ fn a_reject_and_a_drop_emit_events_naming_the_packet() {
     assert_eq!(e.hook, HOOK_FROM_POD);
     assert_eq!(e.proto, proto::TCP);
     assert_eq!(e.src, addr("10.244.1.5"));
-    assert_eq!(e.dst, addr("10.96.0.10"), "the packet as it arrived, before the reset");
-    assert_eq!((u16::from_be(e.sport_be), u16::from_be(e.dport_be)), (40000, 80));
+    assert_eq!(
+        e.dst,
+        addr("10.96.0.10"),
+        "the packet as it arrived, before the reset"
+    );
+    assert_eq!(
+        (u16::from_be(e.sport_be), u16::from_be(e.dport_be)),
+        (40000, 80)
+    );
     assert_eq!(e.svc_port_id, svc_port_id(&img, "10.96.0.10", 80));
     assert_eq!(e.rule_id, 0);
     assert!(e.ts_ns > 0 && e.len >= 40);
@@ -325,7 +334,10 @@ fn a_full_ring_is_counted_as_lost() {
     let lost = st[&stat_index(CLASS_DROP, STAT_RING_FULL)];
     assert_eq!(st[&stat_index(CLASS_DROP, STAT_EMITTED)], got);
     assert_eq!(got + lost, n as u64);
-    assert!(lost > 0, "a ring of {EVENTS_RING_BYTES} bytes holds fewer than {n} events");
+    assert!(
+        lost > 0,
+        "a ring of {EVENTS_RING_BYTES} bytes holds fewer than {n} events"
+    );
 }
 
 /// A writer collecting what the tracing subscriber prints.
@@ -363,7 +375,12 @@ fn a_kernel_log_line_reaches_tracing_at_debug_level() {
     let r = h
         .run(
             Hook::UplinkIn,
-            &packet::tcp(sock("192.168.77.5", 40000), sock("10.96.0.10", 80), SYN, b""),
+            &packet::tcp(
+                sock("192.168.77.5", 40000),
+                sock("10.96.0.10", 80),
+                SYN,
+                b"",
+            ),
         )
         .unwrap();
     assert_eq!(r.verdict, TC_ACT_SHOT);
@@ -419,7 +436,11 @@ fn counters_carry_on_across_a_reload_of_the_datapath() {
     )
     .expect("reload on the same pins");
     let after = AyaKernelCounters::open(&h.pin_dir).unwrap();
-    assert_eq!(after.datapath().unwrap(), dp0, "nothing reset by the reload");
+    assert_eq!(
+        after.datapath().unwrap(),
+        dp0,
+        "nothing reset by the reload"
+    );
     assert_eq!(after.services().unwrap(), svc0);
 
     let frame = syn(40002);

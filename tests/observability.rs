@@ -130,7 +130,10 @@ impl Prometheus {
         let port = 9090;
         let mut cmd = Command::new("prometheus");
         cmd.arg(format!("--config.file={}", cfg.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
             .arg("--log.level=warn")
             .stdout(Stdio::null())
@@ -193,7 +196,8 @@ impl Prometheus {
 fn counts(v: &Value) -> BTreeMap<String, u64> {
     let mut m = BTreeMap::new();
     for a in v["attempts"].as_array().unwrap() {
-        *m.entry(a["result"].as_str().unwrap().to_string()).or_default() += 1;
+        *m.entry(a["result"].as_str().unwrap().to_string())
+            .or_default() += 1;
     }
     m
 }
@@ -207,11 +211,16 @@ fn prometheus_scrapes_a_lab_agent_and_the_series_follow_real_traffic() {
     );
     let (lab, up) = TestLab::up(CLUSTER);
     let state = lab.state();
-    let node_a = state["nodes"]["node-a"]["netns"].as_str().unwrap().to_string();
+    let node_a = state["nodes"]["node-a"]["netns"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let prom = Prometheus::start(&node_a, "127.0.0.1:9964");
 
     // The agent is scraped, ready, and describes itself.
-    prom.wait_for("up{job=\"weir\"}", "the agent's /metrics is scraped", |v| v == 1.0);
+    prom.wait_for("up{job=\"weir\"}", "the agent's /metrics is scraped", |v| {
+        v == 1.0
+    });
     prom.wait_for("weir_ready", "the agent is ready", |v| v == 1.0);
     let build = prom.query("weir_build_info");
     assert_eq!(build.len(), 1, "{build:?}");
@@ -221,7 +230,9 @@ fn prometheus_scrapes_a_lab_agent_and_the_series_follow_real_traffic() {
         16,
         "{build:?}"
     );
-    prom.wait_for("weir_objects{kind=\"Service\"}", "Services known", |v| v == 4.0);
+    prom.wait_for("weir_objects{kind=\"Service\"}", "Services known", |v| {
+        v == 4.0
+    });
     prom.wait_for(
         "weir_map_entries{map=\"SERVICES\"} / weir_map_max_entries{map=\"SERVICES\"}",
         "map fill ratio",
@@ -316,13 +327,17 @@ fn prometheus_scrapes_a_lab_agent_and_the_series_follow_real_traffic() {
     });
     // The Service without endpoints and the guarded one: counted in the datapath, not
     // as translated Service traffic.
-    assert_eq!(get0(&svc("empty", "weir_service_new_connections_total")), 0.0);
+    assert_eq!(
+        get0(&svc("empty", "weir_service_new_connections_total")),
+        0.0
+    );
     prom.wait_for(
         "sum(weir_conntrack_entries{protocol=\"TCP\"})",
         "conntrack entries of the connections",
         |v| v >= 10.0,
     );
-    let drops = prom.query("sum by (reason) (rate(weir_datapath_packets_total{verdict=\"drop\"}[1m])) > 0");
+    let drops =
+        prom.query("sum by (reason) (rate(weir_datapath_packets_total{verdict=\"drop\"}[1m])) > 0");
     assert!(
         drops
             .iter()
@@ -351,7 +366,11 @@ fn prometheus_scrapes_a_lab_agent_and_the_series_follow_real_traffic() {
             .unwrap()
             .to_string();
         let (healthz, hc) = netns::in_netns(&ns, move || {
-            let h = get(&Endpoint::Tcp("127.0.0.1:10256".parse().unwrap()), "/healthz", &[]);
+            let h = get(
+                &Endpoint::Tcp("127.0.0.1:10256".parse().unwrap()),
+                "/healthz",
+                &[],
+            );
             let hc = get(
                 &Endpoint::Tcp(format!("{ip}:{hcnp}").parse().unwrap()),
                 "/",
@@ -384,7 +403,11 @@ fn prometheus_scrapes_a_lab_agent_and_the_series_follow_real_traffic() {
         .arg(&socket)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -402,10 +425,11 @@ fn prometheus_scrapes_a_lab_agent_and_the_series_follow_real_traffic() {
         .filter(|l| l["reason"] == "source_range_denied")
         .collect();
     assert_eq!(denied.len(), 2, "{lines:?}");
-    assert!(denied.iter().all(|d| d["source"]
-        .as_str()
-        .unwrap()
-        .starts_with("203.0.113.2:")));
+    assert!(
+        denied
+            .iter()
+            .all(|d| d["source"].as_str().unwrap().starts_with("203.0.113.2:"))
+    );
     let text = Command::new(weir())
         .args(["flows", "--drops", "--socket"])
         .arg(&socket)
@@ -413,7 +437,8 @@ fn prometheus_scrapes_a_lab_agent_and_the_series_follow_real_traffic() {
         .unwrap();
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(
-        text.lines().any(|l| l.contains("REJECT") && l.contains("no-backend-reject")),
+        text.lines()
+            .any(|l| l.contains("REJECT") && l.contains("no-backend-reject")),
         "{text}"
     );
     drop(prom);

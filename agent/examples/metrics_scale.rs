@@ -135,7 +135,11 @@ fn metrics(kernel: Box<dyn KernelCounters>, services: u32, limit: usize) -> Metr
             (names::REV_NAT, services as usize),
         ]
         .into();
-        s.objects = [("Service", services as usize), ("EndpointSlice", services as usize)].into();
+        s.objects = [
+            ("Service", services as usize),
+            ("EndpointSlice", services as usize),
+        ]
+        .into();
         s.ready = true;
     }
     let m = Metrics::new(Arc::new(shared));
@@ -186,8 +190,17 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let fake = args.iter().any(|a| a == "--fake");
     let nums: Vec<&String> = args.iter().filter(|a| !a.starts_with("--")).collect();
-    let services: u32 = nums.first().map(|s| s.parse()).transpose()?.unwrap_or(10_000);
-    let scrapes: usize = nums.get(1).map(|s| s.parse()).transpose()?.unwrap_or(20).max(1);
+    let services: u32 = nums
+        .first()
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(10_000);
+    let scrapes: usize = nums
+        .get(1)
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(20)
+        .max(1);
 
     // The harness owns the throwaway pin directory and removes it on drop (also on an
     // error below: it is dropped while the error propagates).
@@ -214,12 +227,18 @@ fn main() -> Result<()> {
             ms(t.elapsed())
         );
         let pin_dir = h.pin_dir.clone();
-        Box::new(move || {
-            Ok(Box::new(AyaKernelCounters::open(&pin_dir)?) as Box<dyn KernelCounters>)
-        })
+        Box::new(
+            move || Ok(Box::new(AyaKernelCounters::open(&pin_dir)?) as Box<dyn KernelCounters>),
+        )
     };
-    let source = if fake { "in-memory counters" } else { "SVC_COUNTERS map" };
-    println!("{services} Services (one port each), {scrapes} scrapes per case, {source}; min / median / max");
+    let source = if fake {
+        "in-memory counters"
+    } else {
+        "SVC_COUNTERS map"
+    };
+    println!(
+        "{services} Services (one port each), {scrapes} scrapes per case, {source}; min / median / max"
+    );
 
     // Reading the map alone (a hash map walk: get_next_key + lookup per entry).
     let k = kernel()?;
@@ -228,7 +247,10 @@ fn main() -> Result<()> {
         let t = Instant::now();
         let n = k.services()?.len();
         walk.push(t.elapsed());
-        assert_eq!(n, services as usize, "every Service port's counters read back");
+        assert_eq!(
+            n, services as usize,
+            "every Service port's counters read back"
+        );
     }
     walk.sort();
     println!(
@@ -245,7 +267,12 @@ fn main() -> Result<()> {
     ] {
         let m = metrics(kernel()?, services, limit);
         measure(&format!("{what}, Prometheus text"), &m, None, scrapes);
-        measure(&format!("{what}, OpenMetrics"), &m, Some(OPENMETRICS), scrapes);
+        measure(
+            &format!("{what}, OpenMetrics"),
+            &m,
+            Some(OPENMETRICS),
+            scrapes,
+        );
     }
     drop(harness);
     Ok(())

@@ -442,12 +442,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
     if let Some(l) = dataplane.take_logger() {
         obs.start_kernel_log(l);
     }
-    let observer = crate::observe::Observer::new(
-        &obs,
-        &cfg.node_name,
-        dataplane.capacities().clone(),
-        kernel,
-    );
+    let observer =
+        crate::observe::Observer::new(&obs, &cfg.node_name, dataplane.capacities().clone(), kernel);
 
     attach_interfaces(&mut dataplane, &cfg.pod_ifaces, &cfg.uplinks);
     observer.attached();

@@ -11,8 +11,8 @@ use weir_core::{compile::CompileOptions, pipeline::NodeSettings};
 use crate::{
     agent::{AgentConfig, LoopConfig, OnExit},
     datapath::{DEFAULT_BPFFS_ROOT, EventSettings},
-    observe::ObserveConfig,
     logging::LogFormat,
+    observe::ObserveConfig,
     source::kube::{KubeOptions, WatchOptions},
 };
 
@@ -337,15 +337,15 @@ impl AgentOptions {
             .unwrap_or_else(|| PathBuf::from(DEFAULT_BPFFS_ROOT).join(&node_name));
         let ms = Duration::from_millis;
         let poll = ms(self.poll_ms.unwrap_or(200).max(10));
-        let addr = |flag: &str, v: Option<String>, default: Option<std::net::SocketAddr>| {
-            match v.as_deref() {
-                None => Ok(default),
-                Some("off") | Some("") => Ok(None),
-                Some(s) => s
-                    .parse()
-                    .map(Some)
-                    .with_context(|| format!("{flag} {s:?} is not an address:port (or off)")),
-            }
+        let addr = |flag: &str, v: Option<String>, default: Option<std::net::SocketAddr>| match v
+            .as_deref()
+        {
+            None => Ok(default),
+            Some("off") | Some("") => Ok(None),
+            Some(s) => s
+                .parse()
+                .map(Some)
+                .with_context(|| format!("{flag} {s:?} is not an address:port (or off)")),
         };
         let defaults = ObserveConfig::default();
         let observe = ObserveConfig {
@@ -366,7 +366,10 @@ impl AgentOptions {
             flow_log: self.flow_log,
         };
         let events = EventSettings {
-            rate: self.event_rate.unwrap_or(weir_common::events::DEFAULT_EVENT_RATE).max(1),
+            rate: self
+                .event_rate
+                .unwrap_or(weir_common::events::DEFAULT_EVENT_RATE)
+                .max(1),
             burst: self
                 .event_burst
                 .unwrap_or(weir_common::events::DEFAULT_EVENT_BURST)

@@ -150,10 +150,14 @@ impl FlowRecord {
                 .ok()
                 .or_else(|| s.parse().ok())
         };
-        [Some(&self.source), Some(&self.destination), self.translated_to.as_ref()]
-            .into_iter()
-            .flatten()
-            .any(|s| host(s).as_ref() == Some(ip))
+        [
+            Some(&self.source),
+            Some(&self.destination),
+            self.translated_to.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .any(|s| host(s).as_ref() == Some(ip))
     }
 
     /// One line of `weir flows` text output.
@@ -239,7 +243,11 @@ impl FlowFilter {
 }
 
 /// The `/flows` response: recent matching events, then, with `follow`, new ones.
-pub fn flows_response(hub: &Arc<FlowHub>, filter: FlowFilter, follow: bool) -> hyper::Response<Body> {
+pub fn flows_response(
+    hub: &Arc<FlowHub>,
+    filter: FlowFilter,
+    follow: bool,
+) -> hyper::Response<Body> {
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(256);
     let mut sub = hub.tx.subscribe();
     let recent = hub.recent();
@@ -319,9 +327,9 @@ pub async fn read_events(
         }
         let labels = shared.services.lock().expect("lock").by_id.clone();
         for e in batch {
-            let service = labels.get(&e.svc_port_id).map(|l| {
-                format!("{}/{}:{}/{}", l.namespace, l.name, l.port, l.protocol)
-            });
+            let service = labels
+                .get(&e.svc_port_id)
+                .map(|l| format!("{}/{}:{}/{}", l.namespace, l.name, l.port, l.protocol));
             let r = FlowRecord::from_event(&e, wall_time(e.ts_ns), service);
             if opts.log {
                 info!(
@@ -345,7 +353,10 @@ pub async fn read_events(
 }
 
 /// Serves `/flows` from a handler: parses the query.
-pub fn handle(hub: &Arc<FlowHub>, req: &hyper::Request<hyper::body::Incoming>) -> hyper::Response<Body> {
+pub fn handle(
+    hub: &Arc<FlowHub>,
+    req: &hyper::Request<hyper::body::Incoming>,
+) -> hyper::Response<Body> {
     let mut f = FlowFilter::default();
     let mut follow = false;
     for (k, v) in http::query(req) {

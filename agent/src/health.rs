@@ -242,7 +242,10 @@ pub fn node_health_response(state: &HealthState, path: &str, now: SystemTime) ->
     let eligible = *state.node_eligible.lock().expect("lock");
     let ok = st.healthy && eligible;
     if ok { &c.healthz_200 } else { &c.healthz_503 }.fetch_add(1, Ordering::Relaxed);
-    (if ok { 200 } else { 503 }, health_body(&st, now, Some(eligible)))
+    (
+        if ok { 200 } else { 503 },
+        health_body(&st, now, Some(eligible)),
+    )
 }
 
 /// The node health server's handler (`/healthz`, `/livez`; anything else is 404, as
@@ -253,7 +256,11 @@ pub fn node_handler(state: Arc<HealthState>) -> Handler {
         Box::pin(async move {
             let path = req.uri().path().to_string();
             if path != "/healthz" && path != "/livez" {
-                return http::response(StatusCode::NOT_FOUND, "text/plain; charset=utf-8", "404 page not found\n");
+                return http::response(
+                    StatusCode::NOT_FOUND,
+                    "text/plain; charset=utf-8",
+                    "404 page not found\n",
+                );
             }
             let (code, body) = node_health_response(&state, &path, SystemTime::now());
             let mut r = http::response(
@@ -436,7 +443,10 @@ impl ServiceHealthServers {
             let task = tokio::spawn(async move {
                 let mut set = tokio::task::JoinSet::new();
                 for (fam, l) in listeners {
-                    set.spawn(http::serve_tcp(l, service_handler(state.clone(), s2.clone(), fam)));
+                    set.spawn(http::serve_tcp(
+                        l,
+                        service_handler(state.clone(), s2.clone(), fam),
+                    ));
                 }
                 while set.join_next().await.is_some() {}
             });
@@ -449,7 +459,10 @@ impl ServiceHealthServers {
 
     /// The Services being served, with their ports.
     pub fn ports(&self) -> BTreeMap<ObjRef, u16> {
-        self.running.iter().map(|(s, (p, _, _))| (s.clone(), *p)).collect()
+        self.running
+            .iter()
+            .map(|(s, (p, _, _))| (s.clone(), *p))
+            .collect()
     }
 }
 

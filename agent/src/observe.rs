@@ -243,17 +243,20 @@ impl Observability {
     pub fn start_servers(&mut self) {
         if let Some(addr) = self.cfg.metrics_addr {
             let h = self.handler();
-            self.tasks.push(tokio::spawn(serve_retrying(addr, h, "metrics")));
+            self.tasks
+                .push(tokio::spawn(serve_retrying(addr, h, "metrics")));
         }
         if let Some(addr) = self.cfg.health_addr {
             let h = health::node_handler(self.health.clone());
-            self.tasks.push(tokio::spawn(serve_retrying(addr, h, "node health")));
+            self.tasks
+                .push(tokio::spawn(serve_retrying(addr, h, "node health")));
         }
         if let Some(path) = self.cfg.api_socket.clone() {
             match http::bind_unix(&path) {
                 Ok(l) => {
                     info!(socket = %path.display(), "API socket (metrics, readiness, flows)");
-                    self.tasks.push(tokio::spawn(http::serve_unix(l, self.handler())));
+                    self.tasks
+                        .push(tokio::spawn(http::serve_unix(l, self.handler())));
                     self.socket = Some(path);
                 }
                 Err(e) => warn!("API socket: {e:#}; `weir flows` cannot reach this agent"),
@@ -270,9 +273,13 @@ impl Observability {
             loop {
                 let p = pin_dir.clone();
                 let started = Instant::now();
-                match tokio::task::spawn_blocking(move || crate::metrics::kernel::scan_ct(&p)).await {
+                match tokio::task::spawn_blocking(move || crate::metrics::kernel::scan_ct(&p)).await
+                {
                     Ok(Ok(c)) => {
-                        debug!(elapsed_ms = started.elapsed().as_millis() as u64, "conntrack scanned");
+                        debug!(
+                            elapsed_ms = started.elapsed().as_millis() as u64,
+                            "conntrack scanned"
+                        );
                         *shared.ct.lock().expect("lock") = c;
                     }
                     Ok(Err(e)) => debug!("conntrack scan: {e:#}"),
@@ -386,7 +393,10 @@ impl Observer {
 
     /// Health check node ports served now (tests).
     pub fn health_ports(&self) -> BTreeMap<ObjRef, u16> {
-        self.services.as_ref().map(|s| s.ports()).unwrap_or_default()
+        self.services
+            .as_ref()
+            .map(|s| s.ports())
+            .unwrap_or_default()
     }
 }
 
@@ -434,17 +444,23 @@ impl Hooks for Observer {
                     .observe(o.finished.saturating_duration_since(*t).as_secs_f64());
             }
         }
-        self.metrics
-            .hist
-            .sync
-            .observe(o.finished.saturating_duration_since(o.started).as_secs_f64());
+        self.metrics.hist.sync.observe(
+            o.finished
+                .saturating_duration_since(o.started)
+                .as_secs_f64(),
+        );
 
         // Service labels: the Services this sync touched (all of them on a full sync).
         {
             let mut labels = self.shared.services.lock().expect("lock");
             let touched: Vec<ObjRef> = if self.first || o.report.full || o.changes.all {
                 let mut all: BTreeSet<ObjRef> = cluster.services.keys().cloned().collect();
-                all.extend(labels.by_id.values().map(|l| ObjRef::new(l.namespace.clone(), l.name.clone())));
+                all.extend(
+                    labels
+                        .by_id
+                        .values()
+                        .map(|l| ObjRef::new(l.namespace.clone(), l.name.clone())),
+                );
                 all.into_iter().collect()
             } else {
                 let mut v: BTreeSet<ObjRef> = o.changes.services.iter().cloned().collect();
@@ -524,7 +540,11 @@ impl Hooks for Observer {
             let mut s = self.shared.snapshot.lock().expect("lock");
             s.sync = o.syncer.counters.clone();
             s.store = store.counters.clone();
-            s.objects = store.counts().into_iter().map(|(k, n)| (k.name(), n)).collect();
+            s.objects = store
+                .counts()
+                .into_iter()
+                .map(|(k, n)| (k.name(), n))
+                .collect();
             for k in crate::source::Kind::ALL {
                 s.objects.entry(k.name()).or_insert(0);
             }
@@ -614,9 +634,17 @@ mod tests {
         };
         let mut dp = fake.clone();
         let task = tokio::spawn(async move {
-            run_loop(loop_cfg, store, rx, &mut dp, MapImage::default(), &mut observer, async {
-                let _ = stopped.await;
-            })
+            run_loop(
+                loop_cfg,
+                store,
+                rx,
+                &mut dp,
+                MapImage::default(),
+                &mut observer,
+                async {
+                    let _ = stopped.await;
+                },
+            )
             .await
         });
         let send = |event| {
@@ -632,21 +660,34 @@ mod tests {
         send(Event::InitDone(Kind::Service)).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let t = scrape();
-        assert!(ready.lock().unwrap().ready(), "{:?}", ready.lock().unwrap().reasons());
+        assert!(
+            ready.lock().unwrap().ready(),
+            "{:?}",
+            ready.lock().unwrap().reasons()
+        );
         assert_eq!(value(&t, "weir_ready "), Some(1.0));
         assert_eq!(value(&t, "weir_objects{kind=\"Service\"}"), Some(1.0));
         assert_eq!(value(&t, "weir_syncs_total "), Some(1.0));
         assert_eq!(
-            value(&t, "weir_network_programming_duration_seconds_count{kind=\"Service\"}"),
+            value(
+                &t,
+                "weir_network_programming_duration_seconds_count{kind=\"Service\"}"
+            ),
             Some(1.0)
         );
-        assert_eq!(value(&t, "weir_sync_proxy_rules_duration_seconds_count "), Some(1.0));
+        assert_eq!(
+            value(&t, "weir_sync_proxy_rules_duration_seconds_count "),
+            Some(1.0)
+        );
         let services = value(&t, "weir_map_entries{map=\"SERVICES\"}").unwrap();
         assert_eq!(services as usize, fake.image().services.len());
         assert!(services > 0.0);
         assert_eq!(
             value(&t, "weir_map_max_entries{map=\"SERVICES\"}"),
-            Some(f64::from(crate::datapath::effective_capacities(&Default::default())[weir_common::maps::SERVICES]))
+            Some(f64::from(
+                crate::datapath::effective_capacities(&Default::default())
+                    [weir_common::maps::SERVICES]
+            ))
         );
         assert!(value(&t, "weir_last_sync_timestamp_seconds ").unwrap() > 1.7e9);
 
@@ -658,10 +699,16 @@ mod tests {
         assert_eq!(value(&t, "weir_syncs_total "), Some(2.0));
         assert_eq!(value(&t, "weir_objects{kind=\"Service\"}"), Some(3.0));
         assert_eq!(
-            value(&t, "weir_network_programming_duration_seconds_count{kind=\"Service\"}"),
+            value(
+                &t,
+                "weir_network_programming_duration_seconds_count{kind=\"Service\"}"
+            ),
             Some(3.0)
         );
-        assert_eq!(value(&t, "weir_sync_proxy_rules_duration_seconds_count "), Some(2.0));
+        assert_eq!(
+            value(&t, "weir_sync_proxy_rules_duration_seconds_count "),
+            Some(2.0)
+        );
         assert_eq!(value(&t, "weir_service_ports{series=\"own\"}"), Some(3.0));
         assert!(value(&t, "weir_map_entries{map=\"SERVICES\"}").unwrap() > services);
 

@@ -44,7 +44,9 @@ fn admit(class: u32, now: u64) -> bool {
     let (cost, burst) = (EVENT_COST_NS.load(), EVENT_BURST_NS.load());
     unsafe {
         // A fresh bucket (last_ns 0) starts full.
-        let mut credit = (*b).credit_ns.saturating_add(now.saturating_sub((*b).last_ns));
+        let mut credit = (*b)
+            .credit_ns
+            .saturating_add(now.saturating_sub((*b).last_ns));
         if credit > burst {
             credit = burst;
         }
@@ -107,7 +109,11 @@ pub fn emit(ctx: &TcContext, w: &Work, packed: u32) {
         rule_id: w.verdict_rule,
         len: w.pkt.len,
         svc_port_id: w.svc_port_id,
-        nat_dst: if new { w.be.addr } else { weir_common::Addr::ZERO },
+        nat_dst: if new {
+            w.be.addr
+        } else {
+            weir_common::Addr::ZERO
+        },
         nat_dport_be: if new { w.be.port_be } else { 0 },
         hook: (packed >> 24) as u8,
         pad: 0,

@@ -147,14 +147,22 @@ pub fn handle(ctx: &TcContext, hook: Hook) -> i32 {
                 && nat::sctp_fix_crc(ctx, &w.pkt, w.ports_in, w.ports_out).is_err()
             {
                 count(REASON_NAT_FAILED, hook.dir(), w.pkt.len);
-                events::emit(ctx, w, pack(EV_DROP, REASON_NAT_FAILED, hook.dir(), hook.code()));
+                events::emit(
+                    ctx,
+                    w,
+                    pack(EV_DROP, REASON_NAT_FAILED, hook.dir(), hook.code()),
+                );
                 return TC_ACT_SHOT;
             }
             if w.new_conn != 0
                 && let Some(cfg) = CONFIG.get_ptr(0)
                 && unsafe { (*cfg).flags } & CFG_F_FLOW_EVENTS != 0
             {
-                events::emit(ctx, w, pack(EV_NEW, REASON_TRANSLATED, hook.dir(), hook.code()));
+                events::emit(
+                    ctx,
+                    w,
+                    pack(EV_NEW, REASON_TRANSLATED, hook.dir(), hook.code()),
+                );
             }
             TC_ACT_OK
         }

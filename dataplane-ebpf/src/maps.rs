@@ -5,8 +5,7 @@
 use aya_ebpf::{
     macros::map,
     maps::{
-        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf,
-        lpm_trie::Key,
+        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, lpm_trie::Key,
     },
 };
 use weir_common::{
@@ -104,7 +103,8 @@ pub static SVC_COUNTERS: PerCpuHashMap<u32, SvcCounter> =
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
 /// Event rate limiter, one token bucket per CPU and event class.
 #[map]
-pub static EVENT_BUCKETS: PerCpuArray<TokenBucket> = PerCpuArray::with_max_entries(EVENT_CLASSES, 0);
+pub static EVENT_BUCKETS: PerCpuArray<TokenBucket> =
+    PerCpuArray::with_max_entries(EVENT_CLASSES, 0);
 /// Emitted / suppressed events per class (pinned: monotonic across restarts).
 #[map]
 pub static EVENT_STATS: PerCpuArray<u64> = PerCpuArray::pinned(EVENT_STATS_ENTRIES, 0);

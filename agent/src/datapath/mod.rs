@@ -205,8 +205,7 @@ impl Dataplane {
         loader.override_global(weir_common::events::GLOBAL_FLOW_SAMPLE, &sample, true);
         // aya-log statements write to their ring only at or below this level: debug when
         // the agent would show them, otherwise none (hot paths stay silent).
-        let log_level: u8 = if tracing::enabled!(target: KERNEL_LOG_TARGET, tracing::Level::DEBUG)
-        {
+        let log_level: u8 = if tracing::enabled!(target: KERNEL_LOG_TARGET, tracing::Level::DEBUG) {
             aya_log_common_level_debug()
         } else {
             0

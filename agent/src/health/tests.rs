@@ -142,7 +142,10 @@ fn node(yaml_text: &str) -> weir_core::model::Node {
 #[test]
 fn node_eligibility_follows_taints_and_deletion() {
     let s = state();
-    s.proxy.lock().unwrap().updated(Family::IPv4, SystemTime::now());
+    s.proxy
+        .lock()
+        .unwrap()
+        .updated(Family::IPv4, SystemTime::now());
     let mut c = Cluster::default();
     let now = SystemTime::now();
     let check = |c: &Cluster, healthz: u16, eligible: bool| {
@@ -235,8 +238,12 @@ fn local_ready_endpoints_are_counted_per_service() {
 
     // Not served: eTP Cluster, not a LoadBalancer, no port.
     for y in [
-        LB_LOCAL.replace("PORT", "30000").replace("Local", "Cluster"),
-        LB_LOCAL.replace("PORT", "30000").replace("type: LoadBalancer", "type: NodePort"),
+        LB_LOCAL
+            .replace("PORT", "30000")
+            .replace("Local", "Cluster"),
+        LB_LOCAL
+            .replace("PORT", "30000")
+            .replace("type: LoadBalancer", "type: NodePort"),
         LB_LOCAL.replace("  healthCheckNodePort: PORT\n", ""),
     ] {
         assert!(desired_services(&cluster(&y), "n1").is_empty(), "{y}");

@@ -223,7 +223,12 @@ pub fn prepare_child(
 /// Agent flags every node's agent gets from the lab's configuration: the pod CIDRs (the
 /// local detector), the service CIDRs (unallocated addresses dropped).
 fn agent_flags(_exe: &Path, cfg: &LabConfig) -> Vec<String> {
-    let join = |v: &[ipnet::IpNet]| v.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(",");
+    let join = |v: &[ipnet::IpNet]| {
+        v.iter()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
     vec![
         "--cluster-cidr".into(),
         join(&cfg.pod_cidrs),

@@ -7,11 +7,7 @@ use std::{collections::BTreeMap, fmt::Error as FmtError, sync::Arc};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric as _},
-    metrics::{
-        MetricType,
-        counter::ConstCounter,
-        gauge::ConstGauge,
-    },
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
     registry::Unit,
 };
 use tracing::debug;
@@ -25,7 +21,6 @@ use weir_common::{
 use super::{Shared, reason_name, verdict_of};
 
 type Labels = Vec<(&'static str, String)>;
-
 
 #[derive(Debug)]
 pub struct WeirCollector {
@@ -169,8 +164,7 @@ impl Collector for WeirCollector {
             None => BTreeMap::new(),
         };
         let labels = s.services.lock().expect("lock").clone();
-        let mut per: BTreeMap<(String, String, String, &'static str), SvcCounter> =
-            BTreeMap::new();
+        let mut per: BTreeMap<(String, String, String, &'static str), SvcCounter> = BTreeMap::new();
         let mut other = SvcCounter::default();
         let mut others = 0u64;
         for id in &labels.members {
@@ -358,10 +352,7 @@ impl Collector for WeirCollector {
                 errs.push((vec![("reason", r.to_string())], *n));
             }
         }
-        errs.push((
-            vec![("reason", "compile".into())],
-            snap.sync.compile_errors,
-        ));
+        errs.push((vec![("reason", "compile".into())], snap.sync.compile_errors));
         counters(
             &mut enc,
             "weir_sync_errors",

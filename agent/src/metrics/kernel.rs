@@ -114,9 +114,11 @@ pub fn scan_ct(pin_dir: &Path) -> Result<CtCounts> {
     c.maps.insert(names::CT, total);
     let aff: HashMap<MapData, AffinityKey, AffinityValue> =
         open_pinned(pin_dir, names::AFFINITY)?.try_into()?;
-    c.maps.insert(names::AFFINITY, aff.keys().flatten().count() as u64);
+    c.maps
+        .insert(names::AFFINITY, aff.keys().flatten().count() as u64);
     let sr: HashMap<MapData, SockRevKey, SockRevValue> =
         open_pinned(pin_dir, names::SOCK_REV)?.try_into()?;
-    c.maps.insert(names::SOCK_REV, sr.keys().flatten().count() as u64);
+    c.maps
+        .insert(names::SOCK_REV, sr.keys().flatten().count() as u64);
     Ok(c)
 }

@@ -127,7 +127,12 @@ impl ServiceLabels {
     /// Ids whose counters can be deleted now: gone from the table, and `in_maps` says
     /// their REV_NAT entry is gone too. They are forgotten.
     pub fn collectable(&mut self, in_maps: impl Fn(u32) -> bool) -> Vec<u32> {
-        let out: Vec<u32> = self.gone.iter().copied().filter(|id| !in_maps(*id)).collect();
+        let out: Vec<u32> = self
+            .gone
+            .iter()
+            .copied()
+            .filter(|id| !in_maps(*id))
+            .collect();
         for id in &out {
             self.gone.remove(id);
         }

@@ -53,7 +53,8 @@ fn metrics(fake: &Arc<FakeKernel>, limit: usize) -> Metrics {
 }
 
 fn om(m: &Metrics) -> String {
-    m.render(Some("application/openmetrics-text;version=1.0.0")).1
+    m.render(Some("application/openmetrics-text;version=1.0.0"))
+        .1
 }
 
 /// A Service image with one port: master at `vip:port` naming `id` as its Service port,
@@ -171,7 +172,12 @@ fn service_series_are_limited_and_the_rest_is_summed_into_other() {
         );
         l.update(
             &ObjRef::new("shop", "c"),
-            Some(&service_image(13, "10.96.0.3", 443, weir_common::proto::TCP)),
+            Some(&service_image(
+                13,
+                "10.96.0.3",
+                443,
+                weir_common::proto::TCP,
+            )),
         );
     }
     let c = |p: u64, n: u64| SvcCounter {
@@ -179,10 +185,12 @@ fn service_series_are_limited_and_the_rest_is_summed_into_other() {
         bytes: p * 100,
         new_conns: n,
     };
-    fake.services
-        .lock()
-        .unwrap()
-        .extend([(11, c(5, 1)), (12, c(7, 7)), (13, c(4, 2)), (99, c(1000, 1))]);
+    fake.services.lock().unwrap().extend([
+        (11, c(5, 1)),
+        (12, c(7, 7)),
+        (13, c(4, 2)),
+        (99, c(1000, 1)),
+    ]);
     let t = om(&m);
     assert_eq!(
         sample(&t, "weir_service_packets_total{"),
@@ -196,7 +204,9 @@ fn service_series_are_limited_and_the_rest_is_summed_into_other() {
     assert!(t.contains(
         r#"weir_service_new_connections_total{namespace="shop",name="b",port="53",protocol="UDP"} 7"#
     ));
-    assert!(t.contains(r#"weir_service_bytes_total{namespace="",name="other",port="",protocol=""} 400"#));
+    assert!(t.contains(
+        r#"weir_service_bytes_total{namespace="",name="other",port="",protocol=""} 400"#
+    ));
     assert!(t.contains(r#"weir_service_ports{series="other"} 1"#));
 
     // Membership is sticky: b's Service changes (same id), c stays in "other"; when a is
@@ -210,7 +220,12 @@ fn service_series_are_limited_and_the_rest_is_summed_into_other() {
         l.update(&ObjRef::new("shop", "a"), None);
         l.update(
             &ObjRef::new("shop", "d"),
-            Some(&service_image(14, "10.96.0.4", 8080, weir_common::proto::TCP)),
+            Some(&service_image(
+                14,
+                "10.96.0.4",
+                8080,
+                weir_common::proto::TCP,
+            )),
         );
     }
     fake.services.lock().unwrap().insert(14, c(1, 1));
@@ -236,7 +251,10 @@ fn counters_of_a_released_service_port_are_deleted_only_once_its_rev_nat_entry_i
     // Deferred deletion: the maps still hold REV_NAT 11, the datapath may still count.
     assert!(l.collectable(|id| id == 11).is_empty());
     assert_eq!(l.collectable(|_| false), [11]);
-    assert!(l.collectable(|_| false).is_empty(), "forgotten once collected");
+    assert!(
+        l.collectable(|_| false).is_empty(),
+        "forgotten once collected"
+    );
     // An id that comes back before it was collected is not deleted.
     l.update(&a, Some(&service_image(12, "10.96.0.1", 80, 6)));
     l.update(&a, None);
@@ -254,14 +272,23 @@ fn conntrack_maps_sync_and_event_counters() {
     ]);
     let m = metrics(&fake, 10);
     *m.shared.ct.lock().unwrap() = CtCounts {
-        by_proto: [((6, CT_KIND_FLOW), 40), ((6, CT_KIND_SVC), 20), ((17, CT_KIND_FLOW), 3)]
-            .into(),
+        by_proto: [
+            ((6, CT_KIND_FLOW), 40),
+            ((6, CT_KIND_SVC), 20),
+            ((17, CT_KIND_FLOW), 3),
+        ]
+        .into(),
         maps: [(names::CT, 63), (names::AFFINITY, 2)].into(),
         scanned: true,
     };
     {
         let mut s = m.shared.snapshot.lock().unwrap();
-        s.capacities = [(names::CT, 262144), (names::SERVICES, 100), (names::AFFINITY, 10)].into();
+        s.capacities = [
+            (names::CT, 262144),
+            (names::SERVICES, 100),
+            (names::AFFINITY, 10),
+        ]
+        .into();
         s.map_entries = [(names::SERVICES, 95)].into();
         s.sync.syncs = 4;
         s.sync.apply_errors.insert("map_full", 2);
@@ -347,7 +374,12 @@ fn diff(a: &str, b: &str) -> String {
     for i in 0..a.len().max(b.len()) {
         let (x, y) = (a.get(i), b.get(i));
         if x != y {
-            out.push_str(&format!("line {}: want {:?}\n         got  {:?}\n", i + 1, x, y));
+            out.push_str(&format!(
+                "line {}: want {:?}\n         got  {:?}\n",
+                i + 1,
+                x,
+                y
+            ));
         }
     }
     out
@@ -465,7 +497,8 @@ fn weir_names(text: &str) -> BTreeSet<String> {
 
 #[test]
 fn dashboard_queries_only_metrics_the_agent_exports() {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../manifests/grafana-dashboard.json");
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../manifests/grafana-dashboard.json");
     let dash: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     let mut exprs = Vec::new();
@@ -486,7 +519,11 @@ fn dashboard_queries_only_metrics_the_agent_exports() {
         }
     }
     walk(&dash, &mut exprs);
-    assert!(exprs.len() > 20, "the dashboard has {} queries", exprs.len());
+    assert!(
+        exprs.len() > 20,
+        "the dashboard has {} queries",
+        exprs.len()
+    );
     let (samples, _) = golden_names();
     let mut used = BTreeSet::new();
     for e in &exprs {
@@ -529,6 +566,9 @@ fn docs_list_every_metric_and_no_other() {
     }
     for n in &documented {
         let known = samples.contains(n) || families.contains(n);
-        assert!(known, "docs/metrics.md names {n}, which the agent does not export");
+        assert!(
+            known,
+            "docs/metrics.md names {n}, which the agent does not export"
+        );
     }
 }
