@@ -124,7 +124,7 @@ fn metrics(kernel: Box<dyn KernelCounters>, services: u32, limit: usize) -> Metr
     {
         let mut labels = shared.services.lock().unwrap();
         for i in 0..services {
-            let svc = ObjRef::new(&format!("ns-{}", i / 100), &format!("svc-{i}"));
+            let svc = ObjRef::new(format!("ns-{}", i / 100), format!("svc-{i}"));
             labels.update(&svc, Some(&service_image(i)));
         }
         let mut s = shared.snapshot.lock().unwrap();

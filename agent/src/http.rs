@@ -166,7 +166,7 @@ pub fn open(
     path: &str,
     headers: &[(&str, &str)],
     timeout: Option<Duration>,
-) -> Result<(u16, Vec<(String, String)>, Box<dyn std::io::BufRead>)> {
+) -> Result<RawReply> {
     let mut req = format!("GET {path} HTTP/1.0\r\nHost: weir\r\n");
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
@@ -245,3 +245,6 @@ pub fn query(req: &Request<Incoming>) -> Vec<(String, String)> {
         })
         .collect()
 }
+
+/// A raw reply: status code, headers, and the body as a reader.
+pub type RawReply = (u16, Vec<(String, String)>, Box<dyn std::io::BufRead>);

@@ -98,12 +98,15 @@ pub struct EventCounts {
     pub received: Mutex<BTreeMap<u8, u64>>,
 }
 
+/// One latency histogram per object kind.
+pub type KindHistograms = Family<[(&'static str, &'static str); 1], Histogram, fn() -> Histogram>;
+
 /// Histograms the sync loop observes.
 #[derive(Clone)]
 pub struct Histograms {
     /// From the moment the Store saw an object change to the end of the map write that
     /// programmed it, by kind (kube-proxy's `network_programming_duration_seconds`).
-    pub programming: Family<[(&'static str, &'static str); 1], Histogram, fn() -> Histogram>,
+    pub programming: KindHistograms,
     /// Duration of one sync (kube-proxy's `sync_proxy_rules_duration_seconds`).
     pub sync: Histogram,
 }
