@@ -27,7 +27,7 @@ use tracing::{debug, error, info, warn};
 use weir_core::{
     datapath::Datapath,
     image::MapImage,
-    pipeline::NodeSettings,
+    pipeline::{ChangeSet, NodeSettings},
     sync::{SyncInput, SyncReport, Syncer},
 };
 
@@ -75,6 +75,10 @@ pub struct AgentConfig {
     pub cgroup: Option<PathBuf>,
     /// Conntrack sweep interval.
     pub ct_gc_interval: Duration,
+    /// Metrics, health, flow events.
+    pub observe: crate::observe::ObserveConfig,
+    /// Flow event rate limits and sampling (fixed at load).
+    pub events: crate::datapath::EventSettings,
 }
 
 /// Timing and settings of the sync loop.
@@ -109,6 +113,22 @@ pub trait Hooks {
     fn housekeeping(&mut self) {}
     /// After every sync.
     fn synced(&mut self, _syncer: &Syncer, _report: &SyncReport) {}
+    /// After every sync, with everything an observer needs (metrics, health).
+    fn observe(&mut self, _o: &Observation<'_>) {}
+    /// After a batch of source events was applied to the store.
+    fn events_applied(&mut self, _store: &Store) {}
+}
+
+/// One sync as observers see it.
+pub struct Observation<'a> {
+    pub store: &'a Store,
+    pub syncer: &'a Syncer,
+    pub report: &'a SyncReport,
+    pub changes: &'a ChangeSet,
+    /// Kind and arrival time of the first change of each changed object.
+    pub change_times: &'a [(Kind, std::time::Instant)],
+    pub started: std::time::Instant,
+    pub finished: std::time::Instant,
 }
 
 /// No hooks.
@@ -214,11 +234,13 @@ pub async fn run_loop<D: Datapath + ?Sized, H: Hooks + ?Sized>(
                     first_change.get_or_insert(now);
                     last_change = Some(now);
                 }
+                hooks.events_applied(&store);
             }
             _ = async { tokio::time::sleep_until(deadline.unwrap()).await }, if deadline.is_some() => {
                 first_change = None;
                 last_change = None;
                 retry_at = None;
+                let change_times = store.change_times();
                 let changes = store.take_changes();
                 let started = std::time::Instant::now();
                 let generation = store.generation();
@@ -235,7 +257,17 @@ pub async fn run_loop<D: Datapath + ?Sized, H: Hooks + ?Sized>(
                 if r.retry {
                     retry_at = Some(Instant::now() + cfg.retry);
                 }
+                let finished = std::time::Instant::now();
                 hooks.synced(&syncer, &r);
+                hooks.observe(&Observation {
+                    store: &store,
+                    syncer: &syncer,
+                    report: &r,
+                    changes: &changes,
+                    change_times: &change_times,
+                    started,
+                    finished,
+                });
             }
             _ = housekeeping.tick() => hooks.housekeeping(),
         }
@@ -335,19 +367,27 @@ pub fn spawn_dir_source(
         .context("starting the directory source thread")
 }
 
-/// The housekeeping of the real agent: attach to new interfaces, forget vanished ones;
-/// after a sync that changed the maps, have the GC thread look for sockets connected to
-/// backends that are gone.
-struct AttachHooks<'a> {
+/// The hooks of the real agent: attach to new interfaces and forget vanished ones, keep
+/// metrics, health and readiness current, and after a sync that changed the maps have
+/// the GC thread look for sockets connected to backends that are gone.
+struct AgentHooks<'a> {
     dataplane: &'a mut Dataplane,
     pod_ifaces: &'a [String],
     uplinks: &'a [String],
+    observer: crate::observe::Observer,
     gc_kick: std::sync::mpsc::Sender<()>,
 }
 
-impl Hooks for AttachHooks<'_> {
+impl Hooks for AgentHooks<'_> {
     fn housekeeping(&mut self) {
         attach_interfaces(self.dataplane, self.pod_ifaces, self.uplinks);
+        self.observer.housekeeping();
+    }
+    fn observe(&mut self, o: &Observation<'_>) {
+        self.observer.observe(o);
+    }
+    fn events_applied(&mut self, store: &Store) {
+        self.observer.events_applied(store);
     }
     fn synced(&mut self, _syncer: &Syncer, report: &SyncReport) {
         if report.ops > 0 {
@@ -357,10 +397,13 @@ impl Hooks for AttachHooks<'_> {
 }
 
 pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
-    let mut dataplane = Dataplane::load(&LoadOptions {
-        pin_dir: cfg.pin_dir.clone(),
-        capacities: cfg.capacities.clone(),
-    })?;
+    let mut dataplane = Dataplane::load_with_events(
+        &LoadOptions {
+            pin_dir: cfg.pin_dir.clone(),
+            capacities: cfg.capacities.clone(),
+        },
+        &cfg.events,
+    )?;
     if let Some(cg) = &cfg.cgroup {
         dataplane.attach_cgroup(cg)?;
     }
@@ -383,6 +426,34 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
     let (tx, rx) = mpsc::channel(4096);
     let mut store = Store::new();
     let sources = start_sources(&cfg, &mut store, tx).await?;
+
+    // Observability: counters from the pinned maps, servers, events, kernel logs.
+    let kernel = match crate::metrics::kernel::AyaKernelCounters::open(&cfg.pin_dir) {
+        Ok(k) => Some(Arc::new(k)),
+        Err(e) => {
+            warn!("datapath counters unavailable: {e:#}");
+            None
+        }
+    };
+    let mut obs = crate::observe::Observability::new(
+        cfg.observe.clone(),
+        kernel
+            .clone()
+            .map(|k| Box::new(k) as Box<dyn crate::metrics::KernelCounters>),
+        sources.kube.clone(),
+    );
+    obs.start_servers();
+    obs.start_ct_scan(cfg.pin_dir.clone());
+    match dataplane.take_events() {
+        Ok(ring) => obs.start_events(ring),
+        Err(e) => warn!("flow events unavailable: {e:#}"),
+    }
+    if let Some(l) = dataplane.take_logger() {
+        obs.start_kernel_log(l);
+    }
+    let observer =
+        crate::observe::Observer::new(&obs, &cfg.node_name, dataplane.capacities().clone(), kernel);
+
     attach_interfaces(&mut dataplane, &cfg.pod_ifaces, &cfg.uplinks);
     let (gc_kick, gc_rx) = std::sync::mpsc::channel();
     let gc_counters = std::sync::Arc::new(crate::datapath::gc::GcCounters::default());
@@ -397,10 +468,12 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
         gc_counters.clone(),
     )
     .context("starting the GC thread")?;
-    let mut hooks = AttachHooks {
+    observer.attached();
+    let mut hooks = AgentHooks {
         dataplane: &mut dataplane,
         pod_ifaces: &cfg.pod_ifaces,
         uplinks: &cfg.uplinks,
+        observer,
         gc_kick,
     };
     let syncer = run_loop(sync, store, rx, &mut dp, adopted, &mut hooks, shutdown).await;
@@ -414,6 +487,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
         watch_errors = sources.kube.errors.load(Ordering::Relaxed),
         "stopping"
     );
+    drop(obs);
     drop(sources);
 
     match cfg.on_exit {

@@ -10,8 +10,9 @@ use weir_core::{compile::CompileOptions, pipeline::NodeSettings};
 
 use crate::{
     agent::{AgentConfig, LoopConfig, OnExit},
-    datapath::DEFAULT_BPFFS_ROOT,
+    datapath::{DEFAULT_BPFFS_ROOT, EventSettings},
     logging::LogFormat,
+    observe::ObserveConfig,
     source::kube::{KubeOptions, WatchOptions},
 };
 
@@ -175,6 +176,53 @@ pub struct AgentOptions {
     #[arg(long, help_heading = "Sync")]
     pub ct_gc_interval_ms: Option<u64>,
 
+    /// Address of the metrics server: /metrics (Prometheus text and OpenMetrics), /healthz,
+    /// /readyz, /flows. "off" disables it [default: 127.0.0.1:9964: loopback, like
+    /// kube-proxy's metrics address, so nothing is exposed off the node unless you say so].
+    #[arg(long, help_heading = "Observability")]
+    pub metrics_addr: Option<String>,
+    /// Unix socket serving the same as the metrics address; `weir flows` connects to it
+    /// ("off" disables) [default: /run/weir/<pin-dir name>.sock].
+    #[arg(long, help_heading = "Observability")]
+    pub api_socket: Option<String>,
+    /// Address of kube-proxy's node health server (/healthz, /livez); "off" disables it
+    /// [default: 0.0.0.0:10256, kube-proxy's].
+    #[arg(long, help_heading = "Observability")]
+    pub health_addr: Option<String>,
+    /// Health timeout in ms: a Service or EndpointSlice change not programmed within it
+    /// makes /healthz and /livez fail (kube-proxy: 2 x syncPeriod) [default: 60000].
+    #[arg(long, help_heading = "Observability")]
+    pub healthz_timeout_ms: Option<u64>,
+    /// Do not serve the health check node ports of externalTrafficPolicy=Local
+    /// LoadBalancer Services.
+    #[arg(long, help_heading = "Observability")]
+    pub no_service_health: bool,
+    /// Service ports with their own weir_service_* series; the rest are summed into one
+    /// series named "other" [default: 1000].
+    #[arg(long, help_heading = "Observability")]
+    pub metrics_service_limit: Option<usize>,
+    /// How often the conntrack map is counted for weir_conntrack_entries, in ms
+    /// [default: 5000].
+    #[arg(long, help_heading = "Observability")]
+    pub conntrack_scan_ms: Option<u64>,
+    /// Emit flow events for new connections too (sampled, see --flow-sample); drops and
+    /// rejects are always reported.
+    #[arg(long, help_heading = "Observability")]
+    pub flow_events: bool,
+    /// One new-connection event in this many [default: 1].
+    #[arg(long, help_heading = "Observability")]
+    pub flow_sample: Option<u32>,
+    /// Flow events per second per CPU and class (drops, new connections) the datapath may
+    /// emit; the rest are counted as rate_limited [default: 1000].
+    #[arg(long, help_heading = "Observability")]
+    pub event_rate: Option<u64>,
+    /// Burst of the flow event rate limit [default: 1000].
+    #[arg(long, help_heading = "Observability")]
+    pub event_burst: Option<u64>,
+    /// Log every flow event as a structured line (target weir::flow, level info).
+    #[arg(long, help_heading = "Observability")]
+    pub flow_log: bool,
+
     /// Enter this network namespace (by name, /run/netns) before starting.
     #[arg(long)]
     pub netns: Option<String>,
@@ -229,6 +277,18 @@ impl AgentOptions {
             debounce_ms: self.debounce_ms.or(file.debounce_ms),
             max_delay_ms: self.max_delay_ms.or(file.max_delay_ms),
             ct_gc_interval_ms: self.ct_gc_interval_ms.or(file.ct_gc_interval_ms),
+            metrics_addr: self.metrics_addr.or(file.metrics_addr),
+            api_socket: self.api_socket.or(file.api_socket),
+            health_addr: self.health_addr.or(file.health_addr),
+            healthz_timeout_ms: self.healthz_timeout_ms.or(file.healthz_timeout_ms),
+            no_service_health: self.no_service_health || file.no_service_health,
+            metrics_service_limit: self.metrics_service_limit.or(file.metrics_service_limit),
+            conntrack_scan_ms: self.conntrack_scan_ms.or(file.conntrack_scan_ms),
+            flow_events: self.flow_events || file.flow_events,
+            flow_sample: self.flow_sample.or(file.flow_sample),
+            event_rate: self.event_rate.or(file.event_rate),
+            event_burst: self.event_burst.or(file.event_burst),
+            flow_log: self.flow_log || file.flow_log,
             netns: self.netns.or(file.netns),
             log_level: self.log_level.or(file.log_level),
             log_format: self.log_format.or(file.log_format),
@@ -282,6 +342,50 @@ impl AgentOptions {
             .unwrap_or_else(|| PathBuf::from(DEFAULT_BPFFS_ROOT).join(&node_name));
         let ms = Duration::from_millis;
         let poll = ms(self.poll_ms.unwrap_or(200).max(10));
+        let addr = |flag: &str, v: Option<String>, default: Option<std::net::SocketAddr>| match v
+            .as_deref()
+        {
+            None => Ok(default),
+            Some("off") | Some("") => Ok(None),
+            Some(s) => s
+                .parse()
+                .map(Some)
+                .with_context(|| format!("{flag} {s:?} is not an address:port (or off)")),
+        };
+        let defaults = ObserveConfig::default();
+        let observe = ObserveConfig {
+            metrics_addr: addr("--metrics-addr", self.metrics_addr, defaults.metrics_addr)?,
+            health_addr: addr("--health-addr", self.health_addr, defaults.health_addr)?,
+            api_socket: match self.api_socket.as_deref() {
+                Some("off") | Some("") => None,
+                Some(p) => Some(PathBuf::from(p)),
+                None => Some(crate::observe::default_api_socket(&pin_dir)),
+            },
+            healthz_timeout: self
+                .healthz_timeout_ms
+                .map(ms)
+                .unwrap_or(defaults.healthz_timeout),
+            service_health: !self.no_service_health,
+            service_limit: self.metrics_service_limit.unwrap_or(defaults.service_limit),
+            ct_scan: ms(self.conntrack_scan_ms.unwrap_or(5000).max(100)),
+            flow_log: self.flow_log,
+        };
+        let events = EventSettings {
+            rate: self
+                .event_rate
+                .unwrap_or(weir_common::events::DEFAULT_EVENT_RATE)
+                .max(1),
+            burst: self
+                .event_burst
+                .unwrap_or(weir_common::events::DEFAULT_EVENT_BURST)
+                .max(1),
+            flow_sample: self.flow_sample.unwrap_or(1).max(1),
+        };
+        let flags = if self.flow_events {
+            weir_common::config::CFG_F_FLOW_EVENTS
+        } else {
+            0
+        };
         Ok(AgentConfig {
             kube: KubeOptions {
                 kubeconfig: self.kubeconfig,
@@ -313,6 +417,7 @@ impl AgentOptions {
             sync: LoopConfig {
                 settings: NodeSettings {
                     node_name: node_name.clone(),
+                    flags,
                     cluster_cidrs: self.cluster_cidr,
                     service_cidrs: self.service_cidr,
                     nodeport_cidrs: self.nodeport_addresses,
@@ -331,6 +436,8 @@ impl AgentOptions {
             cgroup: self.cgroup,
             ct_gc_interval: ms(self.ct_gc_interval_ms.unwrap_or(10_000).max(100)),
             node_name,
+            observe,
+            events,
         })
     }
 }

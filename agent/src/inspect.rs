@@ -1,6 +1,6 @@
 //! The inspection commands: `weir services`, `weir endpoints`, `weir conntrack`,
-//! `weir explain`, `weir policy` (and the placeholder `weir flows`), reading the live
-//! pinned maps of a running node (`--pin-dir DIR` or `--node NAME`). Output is a
+//! `weir explain`, `weir policy` and `weir flows` (through the agent: it reads the event
+//! ring), reading the live pinned maps of a running node (`--pin-dir DIR` or `--node NAME`). Output is a
 //! human-readable table by default and JSON with `-o json` (shapes in docs/cli.md).
 //!
 //! The views are computed from a [`MapImage`] (and conntrack entries) by pure functions,
@@ -1500,19 +1500,77 @@ pub fn policy(a: &PolicyArgs) -> Result<()> {
 pub struct FlowsArgs {
     #[command(flatten)]
     pub inspect: InspectArgs,
-    /// Only flows from or to this address.
+    /// Only flows from or to this address (source, destination or backend).
     #[arg(long)]
     pub address: Option<IpAddr>,
-    /// Only dropped flows.
+    /// Only drops and rejects.
     #[arg(long)]
     pub drops: bool,
+    /// Keep following new events until interrupted (without it: the agent's recent
+    /// events, then exit).
+    #[arg(short = 'f', long)]
+    pub follow: bool,
+    /// The agent's API socket (its --api-socket) [default: /run/weir/<pin-dir name>.sock].
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
 }
 
-pub fn flows(_a: &FlowsArgs) -> Result<()> {
-    bail!(
-        "weir flows: the datapath does not emit flow events yet (EVENTS ring buffer, issue 7); \
-         the output is specified in docs/cli.md"
+/// `weir flows`: the agent's flow events (it is the ring buffer's only reader), through
+/// its API socket, one line each.
+pub fn flows(a: &FlowsArgs) -> Result<()> {
+    use std::io::{BufRead as _, Write as _};
+    let socket = match &a.socket {
+        Some(s) => s.clone(),
+        None => crate::observe::default_api_socket(&a.inspect.target.pin_dir()?),
+    };
+    let mut q = Vec::new();
+    if a.follow {
+        q.push("follow=1".to_string());
+    }
+    if a.drops {
+        q.push("drops=1".into());
+    }
+    if let Some(ip) = a.address {
+        q.push(format!("address={ip}"));
+    }
+    let path = format!("/flows?{}", q.join("&"));
+    let (status, _, mut body) = crate::http::open(
+        &crate::http::Endpoint::Unix(socket.clone()),
+        &path,
+        &[],
+        None,
     )
+    .with_context(|| {
+        format!(
+            "reaching the agent at {} (is it running? see --socket)",
+            socket.display()
+        )
+    })?;
+    if status != 200 {
+        let mut msg = String::new();
+        let _ = std::io::Read::read_to_string(&mut body, &mut msg);
+        bail!("the agent answered {status}: {}", msg.trim());
+    }
+    let stdout = std::io::stdout();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if body.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let mut out = stdout.lock();
+        let r = match a.inspect.output {
+            Output::Json => out.write_all(line.as_bytes()),
+            Output::Text => match serde_json::from_str::<crate::flows::FlowRecord>(&line) {
+                Ok(r) => writeln!(out, "{}", r.line()),
+                Err(_) => continue,
+            },
+        };
+        if r.is_err() || out.flush().is_err() {
+            // The reader went away (a closed pipe).
+            return Ok(());
+        }
+    }
 }
 
 #[cfg(test)]

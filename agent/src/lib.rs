@@ -20,6 +20,10 @@
 //! - [`lab`]: `weir lab`, a mini-cluster of network namespaces from Kubernetes YAML with
 //!   real servers, one agent per node, and probes (the end-to-end test bed).
 //! - [`logging`]: tracing setup (text or JSON).
+//! - [`metrics`]: Prometheus metrics of the agent and the datapath; [`health`]: kube-proxy's
+//!   node health and per-Service health check ports, readiness; [`flows`]: flow and drop
+//!   events from the datapath's ring buffer; [`observe`]: their servers and the sync-loop
+//!   hook that keeps them current; [`http`]: the small HTTP layer they share.
 //! - [`testing`]: packet builder/parser and the BPF_PROG_TEST_RUN harness (tests, bench).
 //!
 //! The pure pipeline (translate, compile, diff) lives in the `weir-core` crate; the map
@@ -29,10 +33,15 @@ pub mod agent;
 pub mod config;
 pub mod datapath;
 pub mod demo;
+pub mod flows;
+pub mod health;
+pub mod http;
 pub mod inspect;
 pub mod lab;
 pub mod logging;
+pub mod metrics;
 pub mod netns;
+pub mod observe;
 pub mod probe;
 pub mod serve;
 pub mod source;

@@ -72,7 +72,7 @@ enum Cmd {
     Explain(inspect::ExplainArgs),
     /// What a pod may send and receive (NetworkPolicy; arrives with issue 5).
     Policy(inspect::PolicyArgs),
-    /// Follow the datapath's flow events (arrives with the flow events issue).
+    /// Flow and drop events of the datapath, from the running agent (`-f` to follow).
     Flows(inspect::FlowsArgs),
     /// Run the identity server used by lab pods.
     #[command(hide = true)]

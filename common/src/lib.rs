@@ -17,6 +17,8 @@
 //! - [`lb`]: Service load balancing: `SERVICES`, `BACKENDS`, `REV_NAT`, `AFFINITY`, `MAGLEV`.
 //! - [`ct`]: connection tracking (`CT`) and its flags, states and timeouts.
 //! - [`metrics`]: datapath counters (`METRICS`) and the reason codes.
+//! - [`events`]: flow and drop events (`EVENTS` ring buffer, rate limiting) and per-Service
+//!   counters (`SVC_COUNTERS`).
 //! - [`sock`]: the reverse map of socket-level load balancing.
 //! - [`policy`]: NetworkPolicy: `IPCACHE`, `ENDPOINTS`, `POLICY`, per-rule counters, drop events.
 //! - [`config`]: node-wide datapath settings (`CONFIG`) and node addresses (`NODE_ADDRS`).
@@ -31,6 +33,7 @@ pub mod addr;
 pub mod config;
 pub mod crc32c;
 pub mod ct;
+pub mod events;
 pub mod lb;
 pub mod maps;
 pub mod metrics;

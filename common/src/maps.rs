@@ -27,6 +27,15 @@ pub const POLICY_COUNTERS: &str = "POLICY_COUNTERS";
 /// live for the milliseconds a datagram takes to arrive, so a restart may drop them.
 pub const FRAGS: &str = "FRAGS";
 pub const FRAGS_MAX: u32 = 8192;
+/// Per-Service-port counters (per-CPU hash keyed by `svc_port_id`), see `events`.
+pub const SVC_COUNTERS: &str = "SVC_COUNTERS";
+/// Flow and drop events (ring buffer; not pinned: each agent drains its own).
+pub const EVENTS: &str = "EVENTS";
+/// Per-CPU token buckets of the event rate limiter (not pinned).
+pub const EVENT_BUCKETS: &str = "EVENT_BUCKETS";
+/// Per-CPU event statistics: emitted, rate-limited, lost (pinned: monotonic across
+/// agent restarts).
+pub const EVENT_STATS: &str = "EVENT_STATS";
 
 pub const DEFAULT_SERVICES_MAX: u32 = 65536;
 pub const DEFAULT_BACKENDS_MAX: u32 = 65536;
@@ -48,6 +57,8 @@ pub const DEFAULT_POLICY_MAX: u32 = 262144;
 pub const DEFAULT_POLICY_RULES_MAX: u32 = 16384;
 /// Default Maglev table size per frontend (prime; Cilium's default is 16381).
 pub const DEFAULT_MAGLEV_TABLE_SIZE: u32 = 1021;
+/// Service ports with counters (one per Service port that saw traffic).
+pub const DEFAULT_SVC_COUNTERS_MAX: u32 = 65536;
 
 /// Every map the agent pins, with its default capacity (for capacity metrics and flags).
 pub const ALL: &[(&str, u32)] = &[
@@ -68,4 +79,6 @@ pub const ALL: &[(&str, u32)] = &[
     (POLICY, DEFAULT_POLICY_MAX),
     (POLICY_RULES, DEFAULT_POLICY_RULES_MAX),
     (POLICY_COUNTERS, DEFAULT_POLICY_RULES_MAX),
+    (SVC_COUNTERS, DEFAULT_SVC_COUNTERS_MAX),
+    (EVENT_STATS, crate::events::EVENT_STATS_ENTRIES),
 ];

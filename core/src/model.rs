@@ -190,6 +190,11 @@ pub struct Node {
     pub internal_ips: Vec<IpAddr>,
     pub external_ips: Vec<IpAddr>,
     pub pod_cidrs: Vec<ipnet::IpNet>,
+    /// The node has a deletion timestamp or the cluster autoscaler's
+    /// `ToBeDeletedByClusterAutoscaler` taint: kube-proxy's node health (`/healthz` on
+    /// 10256) reports it not eligible.
+    #[serde(default)]
+    pub being_deleted: bool,
 }
 
 /// The label the control plane puts on every namespace, with the namespace's name as

@@ -15,12 +15,23 @@ use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     programs::TcContext,
 };
-use weir_common::{Addr, ct::*, lb::*, metrics::*};
+use weir_common::{
+    Addr,
+    config::CFG_F_FLOW_EVENTS,
+    ct::*,
+    events::{
+        EV_DROP, EV_NEW, EV_REJECT, HOOK_FROM_POD, HOOK_TO_POD, HOOK_UPLINK_IN, HOOK_UPLINK_OUT,
+    },
+    lb::*,
+    metrics::*,
+};
 
 use weir_common::policy::{EP_F_EGRESS_ISOLATED, EP_F_INGRESS_ISOLATED};
 
 use crate::{
-    ct, fwd, icmp, lb,
+    ct,
+    events::{self, pack},
+    fwd, icmp, lb,
     maps::{CONFIG, NODE_ADDRS, WORK, Work},
     metrics::count,
     nat::{self, End},
@@ -44,6 +55,16 @@ impl Hook {
         match self {
             Hook::FromPod | Hook::UplinkOut => DIR_EGRESS,
             Hook::ToPod | Hook::UplinkIn => DIR_INGRESS,
+        }
+    }
+
+    #[inline(always)]
+    fn code(self) -> u8 {
+        match self {
+            Hook::FromPod => HOOK_FROM_POD,
+            Hook::ToPod => HOOK_TO_POD,
+            Hook::UplinkIn => HOOK_UPLINK_IN,
+            Hook::UplinkOut => HOOK_UPLINK_OUT,
         }
     }
 }
@@ -110,6 +131,10 @@ pub fn handle(ctx: &TcContext, hook: Hook) -> i32 {
     }
     w.ports_in = nat::ports_word(w.pkt.sport_be, w.pkt.dport_be);
     w.ports_out = w.ports_in;
+    w.verdict_rule = 0;
+    w.verdict_reason = 0;
+    w.new_conn = 0;
+    w.svc_port_id = 0;
     let o = if hook == Hook::ToPod {
         to_pod(ctx, w)
     } else if hook == Hook::UplinkOut {
@@ -150,6 +175,8 @@ pub fn handle(ctx: &TcContext, hook: Hook) -> i32 {
     if w.pkt.frag == FRAG_FIRST && w.iso != 0 {
         policy::record_first_fragment(w, if o.kind() == OUT_OK { 0 } else { o.reason() });
     }
+    // Events name the packet as it arrived: emitted before a reject rewrites it, from
+    // the one place every verdict passes (the stages only return their outcome).
     match o.kind() {
         OUT_OK => {
             // SCTP's CRC32c is fixed here, once, rather than inside every stage: the
@@ -158,7 +185,22 @@ pub fn handle(ctx: &TcContext, hook: Hook) -> i32 {
                 && nat::sctp_fix_crc(ctx, &w.pkt, w.ports_in, w.ports_out).is_err()
             {
                 count(REASON_NAT_FAILED, hook.dir(), w.pkt.len);
+                events::emit(
+                    ctx,
+                    w,
+                    pack(EV_DROP, REASON_NAT_FAILED, hook.dir(), hook.code()),
+                );
                 return TC_ACT_SHOT;
+            }
+            if w.new_conn != 0
+                && let Some(cfg) = CONFIG.get_ptr(0)
+                && unsafe { (*cfg).flags } & CFG_F_FLOW_EVENTS != 0
+            {
+                events::emit(
+                    ctx,
+                    w,
+                    pack(EV_NEW, REASON_TRANSLATED, hook.dir(), hook.code()),
+                );
             }
             if w.redirect != 0 {
                 return fwd::redirect(ctx, w);
@@ -166,11 +208,18 @@ pub fn handle(ctx: &TcContext, hook: Hook) -> i32 {
             TC_ACT_OK
         }
         OUT_REJECT => {
-            count(o.reason(), hook.dir(), w.pkt.len);
+            let reason = verdict_reason(w, o);
+            count(reason, hook.dir(), w.pkt.len);
+            events::emit(ctx, w, pack(EV_REJECT, reason, hook.dir(), hook.code()));
             reject::reject(ctx, &w.pkt)
         }
         _ => {
-            count(o.reason(), hook.dir(), w.pkt.len);
+            let reason = verdict_reason(w, o);
+            count(reason, hook.dir(), w.pkt.len);
+            events::emit(ctx, w, pack(EV_DROP, reason, hook.dir(), hook.code()));
+            if reason == REASON_NAT_FAILED {
+                log_nat_failed(ctx, w);
+            }
             TC_ACT_SHOT
         }
     }
@@ -347,6 +396,30 @@ fn flow_policy(w: &mut Work, dir: u8, check_reply: bool) -> Out {
     Out::OK
 }
 
+/// A translation the node cannot do (no masquerade address for the family, a rewrite
+/// helper failing) is a configuration or kernel problem, not traffic: say so in the
+/// agent's log (debug level; the ring write is skipped unless enabled at load).
+#[inline(never)]
+fn log_nat_failed(ctx: &TcContext, w: &Work) {
+    aya_log_ebpf::debug!(
+        ctx,
+        "NAT failed, packet dropped: protocol {} destination port {}",
+        w.pkt.proto,
+        u16::from_be(w.pkt.dport_be)
+    );
+}
+
+/// The reason a drop or reject is counted and reported under: the stage's, unless a
+/// policy stage recorded its own in `Work::verdict_reason`.
+#[inline(always)]
+fn verdict_reason(w: &Work, o: Out) -> u8 {
+    if w.verdict_reason != 0 {
+        w.verdict_reason
+    } else {
+        o.reason()
+    }
+}
+
 /// Packets entering the node's forwarding path (from a pod, or from an uplink).
 #[inline(never)]
 fn ingress(ctx: &TcContext, w: &mut Work, from_pod: bool) -> Out {
@@ -445,6 +518,7 @@ fn reverse(ctx: &TcContext, w: &mut Work, e: *mut CtEntry) -> Out {
 #[inline(never)]
 fn service(ctx: &TcContext, w: &mut Work, from_pod: bool) -> Out {
     let now = ct::now_ns();
+    w.svc_port_id = w.svc.svc_port_id;
     // loadBalancerSourceRanges: LoadBalancer-IP traffic from other sources is dropped
     // (the nftables proxier's firewall-ips check).
     if w.svc.flags & SVC_F_SRC_RANGES != 0 && !lb::source_allowed(w) {
@@ -537,7 +611,12 @@ fn service(ctx: &TcContext, w: &mut Work, from_pod: bool) -> Out {
             return Out::drop(REASON_CT_FULL);
         }
     }
-    track_and_rewrite(ctx, w, now, ok)
+    let o = track_and_rewrite(ctx, w, now, ok);
+    if o.kind() == OUT_OK {
+        events::count_service(w.svc.svc_port_id, w.pkt.len, !kept);
+        w.new_conn = !kept as u8;
+    }
+    o
 }
 
 /// Tracks the flow as it will be on the wire (so replies find their way back: a reply

@@ -7,6 +7,7 @@
 //! - `nat`: header rewrites with checksum updates.
 //! - `metrics`: per-CPU counters.
 //! - `policy`: NetworkPolicy lookups (identity, policy entries, counters, fragments).
+//! - `events`: flow and drop events (rate-limited ring buffer), per-Service counters.
 //! - `reject`: TCP RST / ICMP port unreachable generated in place.
 //! - `fwd`: forwarding of translated packets whose source became a node address.
 //! - `icmp`: ICMP errors about translated flows, translated back.
@@ -17,6 +18,8 @@
 
 #[cfg(target_arch = "bpf")]
 mod ct;
+#[cfg(target_arch = "bpf")]
+mod events;
 #[cfg(target_arch = "bpf")]
 mod flow;
 #[cfg(target_arch = "bpf")]
@@ -79,22 +82,22 @@ mod programs {
 
     #[cgroup_sock_addr(connect4)]
     pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
-        sock::translate(&ctx, false)
+        sock::translate(&ctx, false, true)
     }
 
     #[cgroup_sock_addr(connect6)]
     pub fn sock_connect6(ctx: SockAddrContext) -> i32 {
-        sock::translate(&ctx, true)
+        sock::translate(&ctx, true, true)
     }
 
     #[cgroup_sock_addr(sendmsg4)]
     pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
-        sock::translate(&ctx, false)
+        sock::translate(&ctx, false, false)
     }
 
     #[cgroup_sock_addr(sendmsg6)]
     pub fn sock_sendmsg6(ctx: SockAddrContext) -> i32 {
-        sock::translate(&ctx, true)
+        sock::translate(&ctx, true, false)
     }
 
     #[cgroup_sock_addr(recvmsg4)]

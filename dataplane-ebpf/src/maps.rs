@@ -4,12 +4,15 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    maps::{
+        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, lpm_trie::Key,
+    },
 };
 use weir_common::{
     Addr,
     config::{NodeAddrValue, NodeConfig},
     ct::{CtEntry, CtKey},
+    events::{EVENT_CLASSES, EVENT_STATS_ENTRIES, EVENTS_RING_BYTES, SvcCounter, TokenBucket},
     lb::{
         AffinityKey, AffinitySetKey, AffinityValue, Backend, MaglevKey, RevNat, ServiceKey,
         ServiceValue, SourceRangeKey,
@@ -100,10 +103,36 @@ pub struct Work {
     /// packet as it arrived, before any translation).
     pub fkey: FragKey,
     pub fval: FragValue,
+    /// NetworkPolicy: the rule id and reason of the deciding `POLICY` entry, for the drop
+    /// event (0: none). Zeroed per packet by `flow::handle`; the policy stages fill them.
+    pub verdict_rule: u32,
+    pub verdict_reason: u8,
+    /// Set by the service stage when this packet opened a new translated connection
+    /// (a backend was chosen): `flow::handle` then emits a sampled flow event.
+    pub new_conn: u8,
+    pub pad2: [u8; 2],
+    /// Service port of the frontend this packet was addressed to (0: none), for events.
+    pub svc_port_id: u32,
 }
 
 #[map]
 pub static WORK: PerCpuArray<Work> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-Service-port counters (weir_common::events).
+#[map]
+pub static SVC_COUNTERS: PerCpuHashMap<u32, SvcCounter> =
+    PerCpuHashMap::pinned(DEFAULT_SVC_COUNTERS_MAX, 0);
+/// Flow and drop events. Not pinned: a restarted agent's programs get a fresh ring, and
+/// the agent is its only reader.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
+/// Event rate limiter, one token bucket per CPU and event class.
+#[map]
+pub static EVENT_BUCKETS: PerCpuArray<TokenBucket> =
+    PerCpuArray::with_max_entries(EVENT_CLASSES, 0);
+/// Emitted / suppressed events per class (pinned: monotonic across restarts).
+#[map]
+pub static EVENT_STATS: PerCpuArray<u64> = PerCpuArray::pinned(EVENT_STATS_ENTRIES, 0);
 
 #[map]
 pub static NODE_ADDRS: HashMap<Addr, NodeAddrValue> = HashMap::pinned(DEFAULT_NODE_ADDRS_MAX, 0);

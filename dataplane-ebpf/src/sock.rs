@@ -86,7 +86,7 @@ fn set_dst(sa: *mut bpf_sock_addr, v6: bool, a: &Addr, port_be: u16) {
 
 /// connect4/6 and sendmsg4/6: point the socket (or this datagram) at a backend.
 #[inline(always)]
-pub fn translate(ctx: &SockAddrContext, v6: bool) -> i32 {
+pub fn translate(ctx: &SockAddrContext, v6: bool, connect: bool) -> i32 {
     let sa = ctx.sock_addr;
     let p = unsafe { read_volatile(addr_of!((*sa).protocol)) } as u8;
     if p != proto::TCP && p != proto::UDP {
@@ -168,6 +168,11 @@ pub fn translate(ctx: &SockAddrContext, v6: bool) -> i32 {
     };
     let _ = SOCK_REV.insert(&rk, &rv, BPF_ANY as u64);
     set_dst(sa, v6, &be_addr, be_port);
+    // A connect (TCP, connected UDP) is a new connection of the Service port. Datagrams
+    // of unconnected UDP sockets (sendmsg) are not connections and are not counted.
+    if connect {
+        crate::events::count_service_connect(svc.svc_port_id);
+    }
     ALLOW
 }
 

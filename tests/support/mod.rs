@@ -137,6 +137,7 @@ pub fn add_nodes(c: &mut Cluster) {
                 internal_ips: vec![ip.parse().unwrap(), ip6.parse().unwrap()],
                 external_ips: vec![],
                 pod_cidrs: vec![],
+                being_deleted: false,
             },
         );
     }

@@ -51,6 +51,8 @@ pub fn expected_layout(name: &str) -> Option<(u32, u32)> {
         names::POLICY => s(4 + size_of::<PolicyKey>(), size_of::<PolicyValue>()),
         names::POLICY_RULES => s(4, size_of::<RuleInfo>()),
         names::POLICY_COUNTERS => s(4, size_of::<Counter>()),
+        names::SVC_COUNTERS => s(4, size_of::<weir_common::events::SvcCounter>()),
+        names::EVENT_STATS => s(4, 8),
         _ => None,
     }
 }

@@ -94,6 +94,59 @@ pub const SOCK_PROGRAMS: [&str; 8] = [
     "sock_getpeername6",
 ];
 
+/// Flow event settings, fixed at load time (read-only globals of the object).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EventSettings {
+    /// Events per second per CPU and class (drops / new connections).
+    pub rate: u64,
+    /// Burst size of the token bucket.
+    pub burst: u64,
+    /// One new-connection event in this many.
+    pub flow_sample: u32,
+}
+
+impl Default for EventSettings {
+    fn default() -> Self {
+        EventSettings {
+            rate: weir_common::events::DEFAULT_EVENT_RATE,
+            burst: weir_common::events::DEFAULT_EVENT_BURST,
+            flow_sample: 1,
+        }
+    }
+}
+
+/// tracing target of the eBPF programs' aya-log messages.
+pub const KERNEL_LOG_TARGET: &str = "weir::ebpf";
+
+/// Forwards aya-log records from the kernel side to tracing, at debug level (the
+/// kernel's own level is a field): the datapath logs only on rare paths, and an operator
+/// turns them on with `--log-level weir::ebpf=debug`.
+pub struct KernelLog;
+
+impl log::Log for KernelLog {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+    fn log(&self, r: &log::Record) {
+        tracing::debug!(target: "weir::ebpf", kernel_level = %r.level(), "{}", r.args());
+    }
+    fn flush(&self) {}
+}
+
+/// Reads the kernel side's log ring buffer (`AYA_LOGS`).
+pub type KernelLogger = aya_log::EbpfLogger<KernelLog>;
+
+/// A digest (FNV-1a, 64 bits) of the embedded eBPF object: which datapath this build
+/// runs (`weir_build_info{datapath}`).
+pub fn object_digest() -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in OBJECT {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
 /// Options for loading the datapath.
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
@@ -110,6 +163,7 @@ pub struct Dataplane {
     /// Interfaces with attached hooks (their links are pinned; this is bookkeeping).
     attached: BTreeMap<(String, Hook), ()>,
     capacities: BTreeMap<&'static str, u32>,
+    logger: Option<KernelLogger>,
 }
 
 /// The effective capacity of every map.
@@ -123,6 +177,11 @@ pub fn effective_capacities(overrides: &BTreeMap<String, u32>) -> BTreeMap<&'sta
 impl Dataplane {
     /// Loads the programs and creates or adopts the pinned maps.
     pub fn load(opts: &LoadOptions) -> Result<Dataplane> {
+        Self::load_with_events(opts, &EventSettings::default())
+    }
+
+    /// [`Dataplane::load`] with flow event settings.
+    pub fn load_with_events(opts: &LoadOptions, ev: &EventSettings) -> Result<Dataplane> {
         if OBJECT.is_empty() {
             bail!("this weir binary was built with AYA_BUILD_SKIP=1 and carries no eBPF object");
         }
@@ -142,16 +201,36 @@ impl Dataplane {
         for (name, cap) in &capacities {
             loader.map_max_entries(name, *cap);
         }
+        // The event rate limiter's constants (weir_common::events): nanoseconds of credit
+        // per event and the bucket size, so the datapath divides nothing.
+        let cost_ns: u64 = 1_000_000_000 / ev.rate.max(1);
+        let burst_ns: u64 = cost_ns.saturating_mul(ev.burst.max(1));
+        let sample: u32 = ev.flow_sample.max(1);
+        loader.override_global(weir_common::events::GLOBAL_EVENT_COST_NS, &cost_ns, true);
+        loader.override_global(weir_common::events::GLOBAL_EVENT_BURST_NS, &burst_ns, true);
+        loader.override_global(weir_common::events::GLOBAL_FLOW_SAMPLE, &sample, true);
+        // aya-log statements write to their ring only at or below this level: debug when
+        // the agent would show them, otherwise none (hot paths stay silent).
+        let log_level: u8 = if tracing::enabled!(target: KERNEL_LOG_TARGET, tracing::Level::DEBUG) {
+            aya_log_common_level_debug()
+        } else {
+            0
+        };
+        loader.override_global(aya_log::LEVEL, &log_level, false);
         let mut ebpf = loader.load(OBJECT).with_context(|| {
             format!(
                 "loading the eBPF object (maps pinned under {})",
                 pins.maps_dir().display()
             )
         })?;
-        if let Err(e) = aya_log::EbpfLogger::init(&mut ebpf) {
-            // The object may carry no log statements on this build; not an error.
-            debug!("aya-log not initialised: {e}");
-        }
+        let logger = match aya_log::EbpfLogger::init_with_logger(&mut ebpf, KernelLog) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                // The object may carry no log statements on this build; not an error.
+                debug!("aya-log not initialised: {e}");
+                None
+            }
+        };
         for hook in Hook::ALL {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(hook.program())
@@ -175,6 +254,7 @@ impl Dataplane {
             pins,
             attached: BTreeMap::new(),
             capacities,
+            logger,
         })
     }
 
@@ -304,6 +384,32 @@ impl Dataplane {
         self.attached.keys()
     }
 
+    /// The kernel side's log reader (once; the agent polls it from a task).
+    pub fn take_logger(&mut self) -> Option<KernelLogger> {
+        self.logger.take()
+    }
+
+    /// Reads the kernel side's pending log records into tracing now (tests).
+    pub fn flush_kernel_logs(&mut self) {
+        if let Some(l) = &mut self.logger {
+            l.flush();
+        }
+    }
+
+    /// The flow event ring buffer (once: the agent is its only reader).
+    pub fn take_events(&mut self) -> Result<aya::maps::RingBuf<aya::maps::MapData>> {
+        let m = self
+            .ebpf
+            .take_map(weir_common::maps::EVENTS)
+            .ok_or_else(|| anyhow!("map EVENTS missing from the eBPF object"))?;
+        Ok(m.try_into()?)
+    }
+
+    /// Effective capacity of every map.
+    pub fn capacities(&self) -> &BTreeMap<&'static str, u32> {
+        &self.capacities
+    }
+
     /// The map writer over this datapath's maps.
     pub fn datapath(&mut self) -> Result<AyaDatapath> {
         AyaDatapath::take(&mut self.ebpf, self.capacities.clone())
@@ -404,4 +510,9 @@ pub fn ifindex(ifname: &str) -> Result<u32> {
         bail!("no interface named {ifname}");
     }
     Ok(i)
+}
+
+/// aya-log's `Level::Debug` (aya_log_common: Error = 1 ... Trace = 5).
+const fn aya_log_common_level_debug() -> u8 {
+    4
 }

@@ -529,6 +529,11 @@ impl Lab {
         Ok(())
     }
 
+    /// The API socket of `node`'s agent (`weir flows --socket`).
+    pub fn api_socket(&self, node: &str) -> PathBuf {
+        self.dir.join("api").join(format!("{node}.sock"))
+    }
+
     fn start_agent(&mut self, node: &str) -> Result<()> {
         let n = self.state.nodes.get(node).context("node")?.clone();
         if n.agent.is_some_and(|a| a.alive()) {
@@ -563,6 +568,10 @@ impl Lab {
             args.push("--map-size".into());
             args.push(m.clone());
         }
+        // The agent's API socket (metrics, readiness, `weir flows`) lives in the lab's
+        // state directory, so `down` removes it with the rest.
+        args.push("--api-socket".into());
+        args.push(self.api_socket(node).display().to_string());
         if self.state.config.socket_lb {
             // The node's cgroup holds its pods' processes and its host probes.
             args.push("--cgroup".into());

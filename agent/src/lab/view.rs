@@ -127,6 +127,10 @@ pub struct ServiceView {
     pub load_balancer_ips: Vec<IpAddr>,
     pub external_traffic_policy: String,
     pub internal_traffic_policy: String,
+    /// LoadBalancer + externalTrafficPolicy Local: the port of the node's health check
+    /// server for this Service (served by every node's agent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_check_node_port: Option<u16>,
     /// "derived" (from the selector, as the EndpointSlice controller would), "given"
     /// (EndpointSlices in the input), or "none" (no selector and no slices).
     pub endpoint_slices: &'static str,
@@ -389,6 +393,10 @@ fn service_view(
             .external_traffic_policy
             .clone()
             .unwrap_or_else(|| "Cluster".into()),
+        health_check_node_port: spec_
+            .health_check_node_port
+            .filter(|p| *p > 0)
+            .map(|p| p as u16),
         internal_traffic_policy: spec_
             .internal_traffic_policy
             .clone()

@@ -304,12 +304,21 @@ pub fn node(n: &core::Node) -> Result<Node, ConvertError> {
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
+    // kube-proxy's NodeEligible (pkg/proxy/healthcheck/proxy_health.go).
+    let being_deleted = n.metadata.deletion_timestamp.is_some()
+        || n.spec.as_ref().is_some_and(|s| {
+            s.taints
+                .iter()
+                .flatten()
+                .any(|t| t.key == crate::health::TO_BE_DELETED_TAINT)
+        });
     Ok(Node {
         labels: n.metadata.labels.clone().unwrap_or_default(),
         name,
         internal_ips,
         external_ips,
         pod_cidrs,
+        being_deleted,
     })
 }
 

@@ -62,6 +62,9 @@ pub struct Store {
     became_synced: bool,
     /// Objects whose latest version failed conversion, with the reason.
     invalid: BTreeMap<(Kind, ObjRef), String>,
+    /// When each object in `changes` first changed since the last sync (the start of its
+    /// programming latency).
+    first_seen: BTreeMap<(Kind, ObjRef), std::time::Instant>,
     pub counters: StoreCounters,
 }
 
@@ -137,7 +140,34 @@ impl Store {
     pub fn take_changes(&mut self) -> ChangeSet {
         self.generation_changed = false;
         self.became_synced = false;
+        self.first_seen.clear();
         std::mem::take(&mut self.changes)
+    }
+
+    /// The changes not yet taken.
+    pub fn changes(&self) -> &ChangeSet {
+        &self.changes
+    }
+
+    /// For each object changed since the last [`Store::take_changes`], its kind and when
+    /// its first change arrived. Call before `take_changes`.
+    pub fn change_times(&self) -> Vec<(Kind, std::time::Instant)> {
+        self.first_seen.iter().map(|((k, _), t)| (*k, *t)).collect()
+    }
+
+    /// Objects whose latest version failed conversion, counted by kind.
+    pub fn invalid_by_kind(&self) -> BTreeMap<Kind, usize> {
+        let mut m = BTreeMap::new();
+        for (k, _) in self.invalid.keys() {
+            *m.entry(*k).or_default() += 1;
+        }
+        m
+    }
+
+    fn changed(&mut self, kind: Kind, key: ObjRef) {
+        self.first_seen
+            .entry((kind, key))
+            .or_insert_with(std::time::Instant::now);
     }
 
     /// Objects whose latest version failed conversion: "Kind ns/name: reason".
@@ -240,74 +270,100 @@ impl Store {
                 if c.services.get(&s.id) != Some(&s) {
                     self.changes.services.insert(s.id.clone());
                     c.services.insert(s.id.clone(), s);
+                } else {
+                    return;
                 }
             }
             Model::Slice(s) => {
                 if c.slices.get(&s.id) != Some(&s) {
                     self.changes.slices.insert(s.id.clone());
                     c.slices.insert(s.id.clone(), s);
+                } else {
+                    return;
                 }
             }
             Model::Node(n) => {
                 if c.nodes.get(&n.name) != Some(&n) {
                     self.changes.nodes.insert(n.name.clone());
                     c.nodes.insert(n.name.clone(), n);
+                } else {
+                    return;
                 }
             }
             Model::Pod(p) => {
                 if c.pods.get(&p.id) != Some(&p) {
                     self.changes.pods.insert(p.id.clone());
                     c.pods.insert(p.id.clone(), p);
+                } else {
+                    return;
                 }
             }
             Model::Namespace(n) => {
                 if c.namespaces.get(&n.name) != Some(&n) {
                     self.changes.namespaces.insert(n.name.clone());
                     c.namespaces.insert(n.name.clone(), n);
+                } else {
+                    return;
                 }
             }
             Model::Policy(n) => {
                 if c.policies.get(&n.id) != Some(&n) {
                     self.changes.policies.insert(n.id.clone());
                     c.policies.insert(n.id.clone(), n);
+                } else {
+                    return;
                 }
             }
         }
+        self.changed(kind, key);
     }
 
     fn delete_key(&mut self, kind: Kind, key: &ObjRef) {
         self.keys.remove(&(kind, key.clone()));
         self.invalid.remove(&(kind, key.clone()));
+        if self.delete_model(kind, key) {
+            self.changed(kind, key.clone());
+        }
+    }
+
+    /// Removes the model object; whether there was one.
+    fn delete_model(&mut self, kind: Kind, key: &ObjRef) -> bool {
         let c = &mut self.cluster;
         match kind {
             Kind::Service => {
-                if c.services.remove(key).is_some() {
+                c.services.remove(key).is_some() && {
                     self.changes.services.insert(key.clone());
+                    true
                 }
             }
             Kind::EndpointSlice => {
-                if c.slices.remove(key).is_some() {
+                c.slices.remove(key).is_some() && {
                     self.changes.slices.insert(key.clone());
+                    true
                 }
             }
             Kind::Node => {
-                if c.nodes.remove(&key.name).is_some() {
+                c.nodes.remove(&key.name).is_some() && {
                     self.changes.nodes.insert(key.name.clone());
+                    true
                 }
             }
             Kind::Pod => {
-                if c.pods.remove(key).is_some() {
+                c.pods.remove(key).is_some() && {
                     self.changes.pods.insert(key.clone());
+                    true
                 }
             }
             Kind::Namespace => {
-                if c.namespaces.remove(&key.name).is_some() {
+                c.namespaces.remove(&key.name).is_some() && {
                     self.changes.namespaces.insert(key.name.clone());
+                    true
                 }
             }
             Kind::NetworkPolicy => {
-                if c.policies.remove(key).is_some() {
+                c.policies.remove(key).is_some() && {
                     self.changes.policies.insert(key.clone());
+                    true
                 }
             }
         }

@@ -25,7 +25,7 @@ use weir_core::{
 
 use super::packet::{self, Parsed};
 use crate::{
-    datapath::{AyaDatapath, Dataplane, Hook, LoadOptions, maps::open_pinned},
+    datapath::{AyaDatapath, Dataplane, EventSettings, Hook, LoadOptions, maps::open_pinned},
     netns,
 };
 
@@ -61,11 +61,26 @@ impl ProgHarness {
     }
 
     pub fn with_capacities(capacities: BTreeMap<String, u32>) -> Result<ProgHarness> {
+        Self::with_options(capacities, &EventSettings::default())
+    }
+
+    /// With flow event settings (rate limit, sampling).
+    pub fn with_events(ev: &EventSettings) -> Result<ProgHarness> {
+        Self::with_options(BTreeMap::new(), ev)
+    }
+
+    pub fn with_options(
+        capacities: BTreeMap<String, u32>,
+        ev: &EventSettings,
+    ) -> Result<ProgHarness> {
         let pin_dir = PathBuf::from("/sys/fs/bpf/weir-test").join(netns::unique_prefix('t'));
-        let loaded = Dataplane::load(&LoadOptions {
-            pin_dir: pin_dir.clone(),
-            capacities,
-        });
+        let loaded = Dataplane::load_with_events(
+            &LoadOptions {
+                pin_dir: pin_dir.clone(),
+                capacities,
+            },
+            ev,
+        );
         let mut dataplane = match loaded {
             Ok(d) => d,
             Err(e) => {
