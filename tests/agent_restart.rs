@@ -6,8 +6,8 @@
 //! connections.
 //!
 //! Topology: `weir::demo::Mini` (one node namespace, a client pod and two backend pods,
-//! real `weir serve` servers). The multi-node lab version of this test follows once
-//! `weir lab` is on main (see docs/agent.md, "Restarts").
+//! real `weir serve` servers). The two-node lab version, killing both nodes' agents, is
+//! `sigkill_of_the_agents_drops_no_connection` in tests/lab_services.rs.
 
 mod support;
 

@@ -372,3 +372,103 @@ fn node_and_pod_traffic_to_external_frontends_with_and_without_socket_lb() {
         }
     }
 }
+
+/// Issue 6, restarts drop nothing: the agents of both nodes (the client's, where the
+/// ClusterIP is translated, and the backends') are killed with SIGKILL while kept-alive
+/// TCP connections through the ClusterIP are open and new connections keep arriving;
+/// `weir lab kill-agent` starts new agents, which adopt the pinned maps and links.
+/// Every new connection succeeds, and every open connection is still answered by the
+/// backend it had: zero failed or reset connections.
+#[test]
+fn sigkill_of_the_agents_drops_no_connection() {
+    use std::{
+        io::{BufRead, BufReader, Write},
+        net::{SocketAddr, TcpStream},
+        sync::{
+            Arc,
+            atomic::{AtomicBool, AtomicU64, Ordering},
+        },
+        time::Duration,
+    };
+    let l = Lab::up(None);
+    let vip = l.up["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "web")
+        .and_then(|s| s["clusterIPs"][0].as_str())
+        .unwrap()
+        .to_string();
+    let target: SocketAddr = format!("{vip}:80").parse().unwrap();
+    let ns = l.lab.state()["pods"]["s/client"]["netns"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let greet = |s: &TcpStream| -> std::io::Result<String> {
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line)?;
+        let v: Value = serde_json::from_str(line.trim())
+            .map_err(|e| std::io::Error::other(format!("{e}: {line:?}")))?;
+        Ok(v["server"].as_str().unwrap_or_default().to_string())
+    };
+    // Kept-alive connections, opened before the kill.
+    let ns2 = ns.clone();
+    let open: Vec<TcpStream> = weir::netns::in_netns(&ns2, move || {
+        (0..8)
+            .map(|_| TcpStream::connect_timeout(&target, Duration::from_secs(3)).unwrap())
+            .collect()
+    })
+    .unwrap();
+    let servers: Vec<String> = open.iter().map(|s| greet(s).unwrap()).collect();
+
+    // New connections all the time, from the same pod.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let worker = {
+        let (stop, ok, failed, ns) = (stop.clone(), ok.clone(), failed.clone(), ns.clone());
+        std::thread::spawn(move || -> Vec<String> {
+            weir::netns::enter(&ns).unwrap();
+            let mut errors = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let r = TcpStream::connect_timeout(&target, Duration::from_secs(3))
+                    .and_then(|s| greet(&s));
+                match r {
+                    Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        errors.push(e.to_string());
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+            errors
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    for node in ["node-a", "node-b"] {
+        let before = ok.load(Ordering::Relaxed);
+        let r = l.lab.run("kill-agent", &[node]);
+        assert_eq!(r["ready"], true, "{r}");
+        assert_ne!(r["killedPid"], r["agentPid"]);
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            ok.load(Ordering::Relaxed) > before,
+            "new connections kept succeeding around the restart of {node}'s agent"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    let errors = worker.join().unwrap();
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "failed new connections: {errors:?}"
+    );
+    for (s, was) in open.iter().zip(&servers) {
+        (&*s).write_all(b"q\n").unwrap();
+        assert_eq!(
+            &greet(s).unwrap(),
+            was,
+            "an open connection kept its backend"
+        );
+    }
+}

@@ -141,6 +141,16 @@ pub enum LabCmd {
         #[arg(long, conflicts_with = "name")]
         all: bool,
     },
+    /// Kill a node's agent with SIGKILL (as a crash would) and start a new one, which
+    /// adopts the pinned datapath; returns once the new agent is ready.
+    KillAgent {
+        #[command(flatten)]
+        name: NameArg,
+        #[command(flatten)]
+        wait: WaitArg,
+        /// The node whose agent to kill and restart.
+        node: String,
+    },
     /// Build the example cluster (examples/demo), show live probes, explain, clean up.
     Demo {
         #[arg(long, default_value = "demo")]
@@ -393,6 +403,18 @@ pub fn run(args: LabArgs) -> Result<()> {
                 bail!("some things could not be removed: {}", left.join("; "));
             }
             Ok(())
+        }
+        LabCmd::KillAgent { name, wait, node } => {
+            let _lock = Lock::acquire(&name.name, LOCK_WAIT)?;
+            let mut lab = Lab::open(&name.name)?;
+            let (old_pid, new_pid) =
+                lab.kill_and_restart_agent(&node, Duration::from_secs(wait.timeout_s))?;
+            print(&serde_json::json!({
+                "node": node,
+                "killedPid": old_pid,
+                "agentPid": new_pid,
+                "ready": true,
+            }))
         }
         LabCmd::Demo { name, dir, keep } => {
             let report = super::demo::run(&name, dir, keep)?;

@@ -585,6 +585,52 @@ impl Lab {
         self.save()
     }
 
+    /// Kills a node's agent with SIGKILL, as a crash or an OOM kill would (no exit
+    /// handler runs, the pinned datapath stays and keeps forwarding), starts a new one,
+    /// and waits until it reports ready: it has adopted the pins and programmed what its
+    /// sources list. Returns the pids of the old and the new agent.
+    pub fn kill_and_restart_agent(&mut self, node: &str, timeout: Duration) -> Result<(u32, u32)> {
+        let n = self
+            .state
+            .nodes
+            .get(node)
+            .with_context(|| format!("no node {node} in lab {}", self.state.name))?
+            .clone();
+        let Some(old) = n.agent.filter(|a| a.alive()) else {
+            bail!("node {node} has no running agent (dataplane: none, or it died)");
+        };
+        old.signal(libc::SIGKILL);
+        let deadline = Instant::now() + timeout;
+        while old.alive() {
+            if Instant::now() > deadline {
+                bail!("agent {} of node {node} did not die after SIGKILL", old.pid);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.start_agent(node)?;
+        let new = self.state.nodes[node].agent.context("agent")?;
+        // Readiness, not the programmed generation: the pinned CONFIG map still holds the
+        // old agent's generation.
+        let sock = crate::http::Endpoint::Unix(self.api_socket(node));
+        loop {
+            if let Ok((200, _, _)) =
+                crate::http::open(&sock, "/readyz", &[], Some(Duration::from_secs(1)))
+            {
+                return Ok((old.pid, new.pid));
+            }
+            if !new.alive() {
+                bail!(
+                    "the new agent of node {node} exited; its log:\n{}",
+                    log_tail(&n.log, 20)
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("the new agent of node {node} was not ready within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn stop_agent_and_remove_node(&mut self, node: &str) -> Result<()> {
         let Some(n) = self.state.nodes.get(node).cloned() else {
             return Ok(());
