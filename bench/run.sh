@@ -28,7 +28,6 @@ done
 
 echo "==> building (release)" >&2
 cargo build --release --locked -p weir -p weir-bench >&2
-cargo build --release --locked -p weir-core --example policy_scale >&2
 
 out="bench/results/$(date -u +%Y-%m-%d)-${mode#--}"
 mkdir -p "$out"
@@ -45,6 +44,5 @@ trap cleanup EXIT INT TERM
 echo "==> weir-bench suite $mode -> $out" >&2
 WEIR_BENCH_COMMAND="bench/run.sh $mode $*" target/release/weir-bench suite $mode \
   --out "$out" --results-md bench/RESULTS.md \
-  --weir "$PWD/target/release/weir" \
-  --policy-scale "$PWD/target/release/examples/policy_scale" "$@"
+  --weir "$PWD/target/release/weir" "$@"
 echo "==> done: bench/RESULTS.md, $out/" >&2

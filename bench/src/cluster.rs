@@ -74,7 +74,7 @@ pub fn pods_yaml() -> String {
         "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {NAMESPACE}\n---\n\
          apiVersion: v1\nkind: Node\nmetadata:\n  name: {NODE}\nspec:\n  podCIDR: {NODE_POD_CIDR}\n\
          status:\n  addresses:\n  - type: InternalIP\n    address: {NODE_IP}\n---\n\
-         apiVersion: v1\nkind: Pod\nmetadata:\n  name: client\n  namespace: {NAMESPACE}\n\
+         apiVersion: v1\nkind: Pod\nmetadata:\n  name: client\n  namespace: {NAMESPACE}\n  labels:\n    role: client\n\
          spec:\n  nodeName: {NODE}\n  containers:\n  - name: c\nstatus:\n  podIP: {CLIENT_IP}\n"
     );
     for i in 0..BACKENDS {

@@ -162,3 +162,165 @@ pub fn weir_sync(n: usize, changes: usize, datapath: &str) -> Result<WeirSync> {
         other => anyhow::bail!("datapath must be real or fake, not {other}"),
     }
 }
+
+/// `weir-bench cp-policy`: the agent's sync path programming issue 8's NetworkPolicy
+/// scale (10k pods, 1k policies, 100 nodes; see [`crate::policygen`]) for one node from
+/// nothing, then single pod label changes (a remote pod's `tier` flips, so its identity,
+/// its IPCACHE entry and every selector that names the tier change), each from the change
+/// set to the map write done.
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicySync {
+    pub datapath: String,
+    pub pods: usize,
+    pub policies: usize,
+    pub nodes: usize,
+    pub local_pods: usize,
+    pub ops: usize,
+    pub wall_s: f64,
+    pub cpu_s: f64,
+    pub peak_mib: f64,
+    pub before_mib: f64,
+    /// Entries of the node's policy maps after the first sync.
+    pub ipcache: usize,
+    pub endpoints: usize,
+    pub policy: usize,
+    pub policy_rules: usize,
+    pub changes: usize,
+    pub change_p50_us: f64,
+    pub change_p99_us: f64,
+    pub change_max_us: f64,
+    pub change_ops_mean: f64,
+}
+
+fn policy_cluster() -> weir_core::model::Cluster {
+    let mut c = weir_core::model::Cluster::default();
+    c.nodes.insert(
+        cluster::NODE.into(),
+        weir_core::model::Node {
+            name: cluster::NODE.into(),
+            internal_ips: vec![cluster::NODE_IP.parse().expect("ip")],
+            pod_cidrs: vec![cluster::NODE_POD_CIDR.parse().expect("cidr")],
+            ..Default::default()
+        },
+    );
+    crate::policygen::add(&mut c, &crate::policygen::Gen::ISSUE, cluster::NODE);
+    c
+}
+
+fn run_policy_sync<D: Datapath>(
+    changes: usize,
+    datapath: &str,
+    dp: &mut D,
+    before_mib: f64,
+    mut c: weir_core::model::Cluster,
+) -> PolicySync {
+    let g = crate::policygen::Gen::ISSUE;
+    let mut s = Syncer::new(
+        progcost::settings(),
+        MapImage::default(),
+        Default::default(),
+    );
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let t = Instant::now();
+    let cpu = cpu_now();
+    let r = s.sync(
+        SyncInput {
+            cluster: &c,
+            changes: &ChangeSet::everything(),
+            sources_synced: true,
+            generation: 1,
+        },
+        dp,
+    );
+    let wall = t.elapsed();
+    let cpu = cpu_now() - cpu;
+    let peak = status_kib("VmHWM:") / 1024.0;
+    let img = &s.current().policy;
+    let sizes = (
+        img.ipcache.len(),
+        img.endpoints.len(),
+        img.policy.len(),
+        img.rules.len(),
+    );
+    // Remote pods only (a local pod's change also rewrites its own entries), spread
+    // over the cluster with a prime stride.
+    let remote: Vec<ObjRef> = c
+        .pods
+        .values()
+        .filter(|p| p.node_name.as_deref() != Some(cluster::NODE))
+        .map(|p| p.id.clone())
+        .collect();
+    let mut lat = Vec::with_capacity(changes);
+    let mut ops = 0usize;
+    for round in 0..changes {
+        let id = remote[(round * 7919) % remote.len()].clone();
+        let Some(pod) = c.pods.get_mut(&id) else {
+            continue;
+        };
+        let tier = pod.labels.get("tier").cloned().unwrap_or_default();
+        let next = if tier == "front" { "back" } else { "front" };
+        pod.labels.insert("tier".into(), next.into());
+        let cs = ChangeSet {
+            pods: [id].into(),
+            ..Default::default()
+        };
+        let t = Instant::now();
+        let r = s.sync(
+            SyncInput {
+                cluster: &c,
+                changes: &cs,
+                sources_synced: true,
+                generation: 2 + round as u64,
+            },
+            dp,
+        );
+        lat.push(t.elapsed().as_nanos().min(u32::MAX as u128) as u32);
+        ops += r.ops;
+    }
+    lat.sort_unstable();
+    PolicySync {
+        datapath: datapath.into(),
+        pods: g.pods,
+        policies: g.policies,
+        nodes: g.nodes,
+        local_pods: c
+            .pods
+            .values()
+            .filter(|p| p.node_name.as_deref() == Some(cluster::NODE))
+            .count(),
+        ops: r.ops,
+        wall_s: wall.as_secs_f64(),
+        cpu_s: cpu.as_secs_f64(),
+        peak_mib: peak,
+        before_mib,
+        ipcache: sizes.0,
+        endpoints: sizes.1,
+        policy: sizes.2,
+        policy_rules: sizes.3,
+        changes: lat.len(),
+        change_p50_us: crate::load::percentile(&lat, 0.5) / 1e3,
+        change_p99_us: crate::load::percentile(&lat, 0.99) / 1e3,
+        change_max_us: lat.last().copied().unwrap_or(0) as f64 / 1e3,
+        change_ops_mean: ops as f64 / lat.len().max(1) as f64,
+    }
+}
+
+/// `weir-bench cp-policy`: build the policy cluster's model, then program it.
+pub fn policy_sync(changes: usize, datapath: &str) -> Result<PolicySync> {
+    let c = policy_cluster();
+    match datapath {
+        "real" => {
+            let mut h = weir::testing::prog::ProgHarness::new().context("loading the datapath")?;
+            let before = status_kib("VmRSS:") / 1024.0;
+            Ok(run_policy_sync(changes, datapath, &mut h.dp, before, c))
+        }
+        "fake" => {
+            let mut dp = FakeDatapath::default();
+            let before = status_kib("VmRSS:") / 1024.0;
+            let mut r = run_policy_sync(changes, datapath, &mut dp, before, c);
+            r.datapath = "fake (peak includes the fake's op log and map copy)".into();
+            Ok(r)
+        }
+        other => anyhow::bail!("datapath must be real or fake, not {other}"),
+    }
+}

@@ -7,7 +7,9 @@
 //! - [`kubeproxy`]: kube-proxy's iptables and nftables rules for that YAML.
 //! - [`load`]: the load generator (`weir-bench load`), run inside lab namespaces.
 //! - [`progcost`]: per-packet program cost through BPF_PROG_TEST_RUN.
-//! - [`control`]: the agent's sync path into real maps and the fake (`cp-weir`).
+//! - [`control`]: the agent's sync path into real maps and the fake (`cp-weir`,
+//!   `cp-policy`).
+//! - [`policygen`]: the generated NetworkPolicy cluster (10k pods, 1k policies).
 //! - [`suite`]: the whole run (labs, baselines, measurements) into results.json.
 //! - [`report`]: results.json into RESULTS.md and SVG plots.
 
@@ -15,6 +17,7 @@ mod cluster;
 mod control;
 mod kubeproxy;
 mod load;
+mod policygen;
 mod progcost;
 mod report;
 mod suite;
@@ -49,9 +52,10 @@ enum Cmd {
         /// The `weir` binary the labs run.
         #[arg(long)]
         weir: PathBuf,
-        /// The policy_scale example binary (NetworkPolicy compile figures).
-        #[arg(long)]
-        policy_scale: Option<PathBuf>,
+        /// Give up on a kube-proxy rule load (iptables-legacy-restore, nft -f) after this
+        /// long; that dataplane is then not measured at that scale.
+        #[arg(long, default_value_t = 600)]
+        loader_timeout_s: u64,
         /// Numbers of Services (default: quick 1,1000; full 1,1000,10000,50000).
         #[arg(long, value_delimiter = ',')]
         scales: Vec<usize>,
@@ -100,8 +104,19 @@ enum Cmd {
         #[arg(long, default_value = "real")]
         datapath: String,
     },
-    /// Per-packet cost through BPF_PROG_TEST_RUN at N Services.
+    /// The sync path programming 10k pods / 1k NetworkPolicies for one node (own
+    /// process: peak memory), then remote pod label changes.
+    CpPolicy {
+        #[arg(long, default_value_t = 500)]
+        changes: usize,
+        #[arg(long, default_value = "real")]
+        datapath: String,
+    },
+    /// Per-packet cost through BPF_PROG_TEST_RUN at N Services (`--policy`: the
+    /// NetworkPolicy rows at 0, 1 and 1k policies instead).
     Progcost {
+        #[arg(long)]
+        policy: bool,
         #[arg(long, default_value_t = 1)]
         services: usize,
         #[arg(long, default_value_t = 20_000)]
@@ -132,7 +147,7 @@ fn main() -> Result<()> {
             out,
             results_md,
             weir,
-            policy_scale,
+            loader_timeout_s,
             scales,
             only,
         } => {
@@ -149,7 +164,7 @@ fn main() -> Result<()> {
                 quick,
                 out: out.clone(),
                 weir,
-                policy_scale,
+                loader_timeout: Duration::from_secs(loader_timeout_s),
                 scales,
                 only,
                 command: std::env::var("WEIR_BENCH_COMMAND")
@@ -221,8 +236,20 @@ fn main() -> Result<()> {
             let r = control::weir_sync(services, changes, &datapath)?;
             println!("{}", serde_json::to_string(&r)?);
         }
-        Cmd::Progcost { services, runs } => {
-            let r = progcost::measure(services, runs)?;
+        Cmd::CpPolicy { changes, datapath } => {
+            let r = control::policy_sync(changes, &datapath)?;
+            println!("{}", serde_json::to_string(&r)?);
+        }
+        Cmd::Progcost {
+            policy,
+            services,
+            runs,
+        } => {
+            let r = if policy {
+                progcost::measure_policy(runs)?
+            } else {
+                progcost::measure(services, runs)?
+            };
             println!("{}", serde_json::to_string_pretty(&r)?);
         }
     }

@@ -22,7 +22,7 @@ use weir::{
     datapath::Hook,
     testing::{
         packet::{self, ACK, SYN, sock},
-        prog::{ProgHarness, TC_ACT_OK},
+        prog::{ProgHarness, TC_ACT_OK, TC_ACT_SHOT},
     },
 };
 use weir_common::ct::CT_KIND_FLOW;
@@ -35,6 +35,8 @@ pub struct PathCost {
     pub path: String,
     pub services: usize,
     pub policies: usize,
+    /// The program run (`tc_from_pod`, `tc_to_pod`).
+    pub program: String,
     pub runs: u32,
     pub median_ns: f64,
     pub mean_ns: f64,
@@ -82,10 +84,21 @@ pub fn capacities(n: usize) -> BTreeMap<String, u32> {
     .into()
 }
 
-fn time_path(h: &ProgHarness, frame: &[u8], runs: u32) -> Result<(f64, f64, f64)> {
+fn time_path(h: &ProgHarness, hook: Hook, frame: &[u8], runs: u32) -> Result<(f64, f64, f64)> {
+    time_frames(h, hook, runs, |_| frame.to_vec())
+}
+
+/// Runs `make(i)` for i in 0..runs, each once: median, mean and p99 of the kernel's
+/// per-run time.
+fn time_frames(
+    h: &ProgHarness,
+    hook: Hook,
+    runs: u32,
+    make: impl Fn(u32) -> Vec<u8>,
+) -> Result<(f64, f64, f64)> {
     let mut v = Vec::with_capacity(runs as usize);
-    for _ in 0..runs {
-        let r = h.run(Hook::FromPod, frame)?;
+    for i in 0..runs {
+        let r = h.run(hook, &make(i))?;
         v.push(r.duration.as_nanos() as u32);
     }
     v.sort_unstable();
@@ -179,11 +192,12 @@ pub fn measure(n: usize, runs: u32) -> Result<Vec<PathCost>> {
         if !ok {
             bail!("the {path} path did not do what it should ({what}) at {n} Services");
         }
-        let (median, mean, p99) = time_path(&h, frame, runs)?;
+        let (median, mean, p99) = time_path(&h, Hook::FromPod, frame, runs)?;
         out.push(PathCost {
             path: path.into(),
             services: n,
             policies: 0,
+            program: Hook::FromPod.program().into(),
             runs,
             median_ns: median,
             mean_ns: mean,
@@ -200,6 +214,7 @@ pub fn measure(n: usize, runs: u32) -> Result<Vec<PathCost>> {
         path: "plain-repeat".into(),
         services: n,
         policies: 0,
+        program: Hook::FromPod.program().into(),
         runs: runs.max(1000),
         median_ns: rep.duration.as_nanos() as f64,
         mean_ns: rep.duration.as_nanos() as f64,
@@ -207,5 +222,128 @@ pub fn measure(n: usize, runs: u32) -> Result<Vec<PathCost>> {
         verified: "one BPF_PROG_TEST_RUN with repeat (kernel average per run; same path every run)"
             .into(),
     });
+    Ok(out)
+}
+
+/// The one NetworkPolicy of the policy rows: the backend pods admit the client (label
+/// `role: client`) on their serving port, and nothing else.
+const BACKEND_POLICY: &str = "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: backends-from-client, namespace: bench}
+spec:
+  podSelector: {matchLabels: {app: backend}}
+  policyTypes: [Ingress]
+  ingress:
+  - from: [{podSelector: {matchLabels: {role: client}}}]
+    ports: [{protocol: TCP, port: 8080}]
+";
+
+/// Per-packet cost of NetworkPolicy at `tc_to_pod` (ingress to backend-0), on the
+/// benchmark cluster (1 Service) with 0 policies, with the one backend policy, and with
+/// it plus issue 8's generated scale ([`crate::policygen`]: 10k pods, 1k policies over
+/// 100 nodes, 100 of the pods on this node): the three packets are
+/// - `ingress-new-allowed`: a SYN from the client (a new connection: endpoint, conntrack
+///   miss, IPCACHE, POLICY lookups, flow created), each run with its own source port;
+/// - `ingress-new-other`: a SYN from another backend (dropped once backend-0 is isolated:
+///   the same lookups, a drop; nothing is recorded, so every run takes the same path);
+/// - `ingress-established`: a packet of the admitted connection (conntrack hit).
+pub fn measure_policy(runs: u32) -> Result<Vec<PathCost>> {
+    let runs = runs.min(50_000); // distinct source ports for the new connections
+    let mut out = Vec::new();
+    for variant in 0..3 {
+        let mut c = cluster(1)?;
+        if variant >= 1 {
+            let (objs, errs) = weir::source::yaml::parse_documents(BACKEND_POLICY, "policy");
+            if !errs.is_empty() {
+                bail!("policy YAML: {:?}", errs.first());
+            }
+            let (pc, _) = weir::source::dir::to_cluster(&objs);
+            c.policies.extend(pc.policies);
+        }
+        if variant == 2 {
+            crate::policygen::add(&mut c, &crate::policygen::Gen::ISSUE, cluster::NODE);
+        }
+        let policies = c.policies.len();
+        let (img, errs) = Pipeline::new(settings()).desired(&c, 1);
+        if !errs.is_empty() {
+            bail!("pipeline refused objects: {:?}", errs.first());
+        }
+        let mut h = ProgHarness::new()?;
+        h.program(&img).context("programming the maps")?;
+        let isolated = variant >= 1;
+        let server = sock(&cluster::backend_ip(0).to_string(), cluster::TARGET_PORT);
+        let client_ip = cluster::CLIENT_IP;
+        let other = sock(&cluster::backend_ip(1).to_string(), 40000);
+        let new_allowed =
+            |i: u32| packet::tcp(sock(client_ip, 10_000 + i as u16), server, SYN, b"");
+        let est_client = sock(client_ip, 9_000);
+        let est = packet::tcp(est_client, server, ACK, b"req\n");
+        let other_syn = packet::tcp(other, server, SYN, b"");
+
+        // Check each packet's first run before timing it.
+        let what = if isolated {
+            "backend-0 isolated"
+        } else {
+            "no policy (ENDPOINTS miss)"
+        };
+        let r = h.run(Hook::ToPod, &packet::tcp(est_client, server, SYN, b""))?;
+        if r.verdict != TC_ACT_OK {
+            bail!("the client's SYN to backend-0 was dropped ({policies} policies)");
+        }
+        let r = h.run(Hook::ToPod, &est)?;
+        if r.verdict != TC_ACT_OK {
+            bail!("an established packet to backend-0 was dropped ({policies} policies)");
+        }
+        let r = h.run(Hook::ToPod, &other_syn)?;
+        let want = if isolated { TC_ACT_SHOT } else { TC_ACT_OK };
+        if r.verdict != want {
+            bail!(
+                "backend-1's SYN to backend-0: verdict {} (wanted {want}) with {policies} policies",
+                r.verdict
+            );
+        }
+        let rows: [(&str, String); 3] = [
+            (
+                "ingress-new-allowed",
+                format!(
+                    "{what}: client SYN {} (each run a new source port)",
+                    if isolated {
+                        "admitted, flow created"
+                    } else {
+                        "forwarded"
+                    }
+                ),
+            ),
+            (
+                "ingress-new-other",
+                format!(
+                    "{what}: backend-1 SYN {}",
+                    if isolated { "dropped" } else { "forwarded" }
+                ),
+            ),
+            (
+                "ingress-established",
+                format!("{what}: conntrack hit, forwarded"),
+            ),
+        ];
+        for (path, verified) in rows {
+            let (median, mean, p99) = match path {
+                "ingress-new-allowed" => time_frames(&h, Hook::ToPod, runs, new_allowed)?,
+                "ingress-new-other" => time_path(&h, Hook::ToPod, &other_syn, runs)?,
+                _ => time_path(&h, Hook::ToPod, &est, runs)?,
+            };
+            out.push(PathCost {
+                path: path.into(),
+                services: 1,
+                policies,
+                program: Hook::ToPod.program().into(),
+                runs,
+                median_ns: median,
+                mean_ns: mean,
+                p99_ns: p99,
+                verified,
+            });
+        }
+    }
     Ok(out)
 }

@@ -34,7 +34,8 @@ pub struct Opts {
     pub quick: bool,
     pub out: PathBuf,
     pub weir: PathBuf,
-    pub policy_scale: Option<PathBuf>,
+    /// A kube-proxy rule load that takes longer is stopped and recorded as unfinished.
+    pub loader_timeout: Duration,
     pub scales: Vec<usize>,
     pub only: Vec<String>,
     pub command: String,
@@ -64,6 +65,8 @@ pub struct RuleLoad {
     pub max_rss_mib: f64,
     pub generate_s: f64,
     pub stats: kubeproxy::RuleStats,
+    /// False when the loader was stopped at the timeout (nothing measured through it).
+    pub completed: bool,
 }
 
 struct Proc {
@@ -71,6 +74,8 @@ struct Proc {
     cpu_s: f64,
     max_rss_mib: f64,
     ok: bool,
+    /// Stopped at the deadline.
+    timed_out: bool,
     stderr: String,
     stdout: String,
 }
@@ -96,6 +101,13 @@ fn timed(prog: &str, args: &[&str]) -> Result<Timed> {
 /// Runs the command to completion: wall time, CPU (wait4's rusage: time's child is
 /// included) and the child's peak RSS as GNU time measured it.
 fn run_rusage(t: Timed, stdin: Option<&Path>) -> Result<Proc> {
+    run_rusage_until(t, stdin, None)
+}
+
+/// [`run_rusage`] with a deadline: past it, the command's process group (GNU time and
+/// the loader under it, started in a group of their own) is killed and the result says
+/// `timed_out`.
+fn run_rusage_until(t: Timed, stdin: Option<&Path>, limit: Option<Duration>) -> Result<Proc> {
     let Timed { mut cmd, rss_file } = t;
     let err = tempfile("stderr")?;
     let outf = tempfile("stdout")?;
@@ -107,12 +119,30 @@ fn run_rusage(t: Timed, stdin: Option<&Path>) -> Result<Proc> {
         )),
         None => cmd.stdin(Stdio::null()),
     };
+    {
+        use std::os::unix::process::CommandExt as _;
+        cmd.process_group(0);
+    }
     let t = Instant::now();
     let child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
+    let pid = child.id() as i32;
     let mut status = 0i32;
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: wait4 on our own child, writing into locals we own.
-    let rc = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) };
+    let mut timed_out = false;
+    let rc = loop {
+        let flags = if limit.is_some() { libc::WNOHANG } else { 0 };
+        // SAFETY: wait4 on our own child, writing into locals we own.
+        let rc = unsafe { libc::wait4(pid, &mut status, flags, &mut ru) };
+        if rc != 0 {
+            break rc;
+        }
+        if limit.is_some_and(|l| t.elapsed() > l) && !timed_out {
+            timed_out = true;
+            // SAFETY: the process group we created for this child (its pid).
+            unsafe { libc::kill(-pid, libc::SIGKILL) };
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     let wall = t.elapsed().as_secs_f64();
     if rc < 0 {
         bail!("wait4: {}", std::io::Error::last_os_error());
@@ -132,7 +162,8 @@ fn run_rusage(t: Timed, stdin: Option<&Path>) -> Result<Proc> {
             let _ = std::fs::remove_file(&rss_file);
             kib.map(|k| k / 1024.0).unwrap_or(f64::NAN)
         },
-        ok: libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        ok: !timed_out && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        timed_out,
         stderr,
         stdout,
     })
@@ -481,15 +512,17 @@ fn baselines(cx: &mut Ctx, dir: &Path, lab_name: &str, marker: &Path) -> Result<
     for &n in &cx.o.scales.clone() {
         let c = cluster_of(&cluster::services_path(dir, n))?;
         if only("iptables") {
-            load_iptables(cx, &node, dir, &c, n)?;
-            cx.sanity(&lab, "iptables", n);
-            cx.measure(&lab, "iptables", n, false)?;
+            if load_iptables(cx, &node, dir, &c, n)? {
+                cx.sanity(&lab, "iptables", n);
+                cx.measure(&lab, "iptables", n, false)?;
+            }
             flush_iptables(&node)?;
         }
         if only("nftables") {
-            load_nft(cx, &node, dir, &c, n)?;
-            cx.sanity(&lab, "nftables", n);
-            cx.measure(&lab, "nftables", n, false)?;
+            if load_nft(cx, &node, dir, &c, n)? {
+                cx.sanity(&lab, "nftables", n);
+                cx.measure(&lab, "nftables", n, false)?;
+            }
             flush_nft(&node)?;
         }
         if only("bare") {
@@ -502,11 +535,13 @@ fn baselines(cx: &mut Ctx, dir: &Path, lab_name: &str, marker: &Path) -> Result<
         let n = CP_SCALE;
         let c = cluster_of(&cluster::services_path(dir, n))?;
         eprintln!("weir-bench: kube-proxy rule loads at {n} Services (no traffic)");
-        load_iptables(cx, &node, dir, &c, n)?;
-        cx.sanity(&lab, "iptables", n);
+        if load_iptables(cx, &node, dir, &c, n)? {
+            cx.sanity(&lab, "iptables", n);
+        }
         flush_iptables(&node)?;
-        load_nft(cx, &node, dir, &c, n)?;
-        cx.sanity(&lab, "nftables", n);
+        if load_nft(cx, &node, dir, &c, n)? {
+            cx.sanity(&lab, "nftables", n);
+        }
         flush_nft(&node)?;
     }
     Ok(())
@@ -516,14 +551,15 @@ fn baselines(cx: &mut Ctx, dir: &Path, lab_name: &str, marker: &Path) -> Result<
 pub const CP_SCALE: usize = 10_000;
 
 /// kube-proxy's iptables rules for `c`, timed through iptables-legacy-restore in the
-/// node namespace (peak RSS and CPU from wait4).
+/// node namespace (peak RSS and CPU from wait4). False when the load did not finish
+/// within the loader timeout (recorded, and a note says so).
 fn load_iptables(
     cx: &mut Ctx,
     node: &str,
     dir: &Path,
     c: &weir_core::model::Cluster,
     n: usize,
-) -> Result<()> {
+) -> Result<bool> {
     let t = Instant::now();
     let (rules, stats) = kubeproxy::iptables_rules(c, &kp_settings());
     let generate_s = t.elapsed().as_secs_f64();
@@ -538,16 +574,17 @@ fn load_iptables(
     if !p.ok {
         bail!("iptables-legacy-restore (jumps): {}", p.stderr);
     }
-    let p = run_rusage(
+    let p = run_rusage_until(
         in_ns(
             node,
             "iptables-legacy-restore",
             &["-w", "--noflush", "--counters"],
         )?,
         Some(&file),
+        Some(cx.o.loader_timeout),
     )?;
     let _ = std::fs::remove_file(&file);
-    if !p.ok {
+    if !p.ok && !p.timed_out {
         bail!(
             "iptables-legacy-restore of {} failed: {}",
             file.display(),
@@ -562,8 +599,15 @@ fn load_iptables(
         max_rss_mib: p.max_rss_mib,
         generate_s,
         stats,
+        completed: !p.timed_out,
     });
-    Ok(())
+    if p.timed_out {
+        cx.notes.push(format!(
+            "iptables at {n} Services: iptables-legacy-restore had not finished after {:.0} s and was stopped; no iptables figures at this scale",
+            p.wall_s
+        ));
+    }
+    Ok(!p.timed_out)
 }
 
 fn flush_iptables(node: &str) -> Result<()> {
@@ -582,24 +626,26 @@ fn flush_iptables(node: &str) -> Result<()> {
 }
 
 /// kube-proxy's nftables ruleset for `c`, timed through `nft -f` in the node namespace.
+/// False when the load did not finish within the loader timeout.
 fn load_nft(
     cx: &mut Ctx,
     node: &str,
     dir: &Path,
     c: &weir_core::model::Cluster,
     n: usize,
-) -> Result<()> {
+) -> Result<bool> {
     let t = Instant::now();
     let (rules, stats) = kubeproxy::nft_rules(c, &kp_settings());
     let generate_s = t.elapsed().as_secs_f64();
     let file = dir.join(format!("nftables-{n}.nft"));
     std::fs::write(&file, &rules)?;
-    let p = run_rusage(
+    let p = run_rusage_until(
         in_ns(node, "nft", &["-f", &file.display().to_string()])?,
         None,
+        Some(cx.o.loader_timeout),
     )?;
     let _ = std::fs::remove_file(&file);
-    if !p.ok {
+    if !p.ok && !p.timed_out {
         bail!(
             "nft -f {} failed: {}",
             file.display(),
@@ -614,11 +660,24 @@ fn load_nft(
         max_rss_mib: p.max_rss_mib,
         generate_s,
         stats,
+        completed: !p.timed_out,
     });
-    Ok(())
+    if p.timed_out {
+        cx.notes.push(format!(
+            "nftables at {n} Services: nft -f had not finished after {:.0} s and was stopped; no nftables figures at this scale",
+            p.wall_s
+        ));
+    }
+    Ok(!p.timed_out)
 }
 
+/// Removes kube-proxy's table (none is there when its load was stopped: nft commits a
+/// file as one transaction).
 fn flush_nft(node: &str) -> Result<()> {
+    let p = run_rusage(in_ns(node, "nft", &["list", "tables"])?, None)?;
+    if !p.stdout.contains("kube-proxy") {
+        return Ok(());
+    }
     let p = run_rusage(
         in_ns(node, "nft", &["delete", "table", "ip", "kube-proxy"])?,
         None,
@@ -734,10 +793,9 @@ pub fn run(o: &Opts) -> Result<Value> {
             eprintln!("weir-bench: BPF_PROG_TEST_RUN at {n} Services ({runs} runs per path)");
             v.extend(crate::progcost::measure(n, runs)?);
         }
+        eprintln!("weir-bench: BPF_PROG_TEST_RUN of the policy paths at 0, 1 and 1k policies");
+        v.extend(crate::progcost::measure_policy(runs)?);
         out["progcost"] = serde_json::to_value(v)?;
-        out["progcost_policy"] = json!(
-            "not measured: the NetworkPolicy datapath (programs consulting IPCACHE/POLICY) has not landed on main; the policy maps are written by the agent but no program reads them yet"
-        );
     }
 
     // 2. Control plane (weir side; kube-proxy's load times come from step 3).
@@ -769,15 +827,31 @@ pub fn run(o: &Opts) -> Result<Value> {
             cp.push(v);
         }
         out["control_weir"] = Value::Array(cp);
-        if let Some(ps) = &o.policy_scale {
-            eprintln!("weir-bench: NetworkPolicy compile, 10k pods / 1k policies");
-            let p = run_rusage(timed(&ps.display().to_string(), &[])?, None)?;
-            out["control_policy"] = json!({
-                "ok": p.ok, "wall_s": p.wall_s, "cpu_s": p.cpu_s, "max_rss_mib": p.max_rss_mib,
-                "output": p.stdout.lines().collect::<Vec<_>>(),
-                "what": "core/examples/policy_scale (10000 pods, 1000 policies, 100 nodes): identities, policy keys and map entries for node 0, pure compile into a map image (not written into kernel maps)",
-            });
+        let mut cp = Vec::new();
+        for dp in ["real", "fake"] {
+            eprintln!(
+                "weir-bench: control plane, 10k pods / 1k NetworkPolicies into the {dp} datapath"
+            );
+            let exe = self_exe.display().to_string();
+            let cmd = timed(
+                &exe,
+                &[
+                    "cp-policy",
+                    "--changes",
+                    &(changes / 2).to_string(),
+                    "--datapath",
+                    dp,
+                ],
+            )?;
+            let p = run_rusage(cmd, None)?;
+            if !p.ok {
+                bail!("cp-policy {dp} failed: {}", p.stderr);
+            }
+            let mut v: Value = serde_json::from_str(&p.stdout)?;
+            v["process_max_rss_mib"] = json!(p.max_rss_mib);
+            cp.push(v);
         }
+        out["control_policy"] = Value::Array(cp);
     }
 
     // 3. Datapath (and kube-proxy's rule load times).

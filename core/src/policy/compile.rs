@@ -57,7 +57,9 @@ use weir_common::{
 use super::{
     eval::Direction,
     ids::{DenseIds, Fnv, port_prefixes, preferred, probe},
-    image::{LpmData, PolicyImage, addr_prefix, lpm_get, show_addr_prefix},
+    image::{
+        LpmData, PolicyImage, addr_prefix, lpm_get, lpm_get_among, prefix_lengths, show_addr_prefix,
+    },
 };
 use crate::{image::Lpm, model::*};
 
@@ -725,10 +727,12 @@ impl PolicyCompiler {
                 },
             );
         }
+        let region_plens = prefix_lengths(&regions);
         for (ci, (_, members)) in classes.iter().enumerate() {
             for m in members {
                 if let Member::Pod { addr, .. } = m
-                    && lpm_get(&regions, addr, 128).map(|x| x.1) != Some(ids[ci])
+                    && lpm_get_among(&regions, addr, region_plens.iter().copied()).map(|x| x.1)
+                        != Some(ids[ci])
                 {
                     image.ipcache.insert(
                         (128, *addr),
@@ -1166,11 +1170,17 @@ struct Inner {
 /// Drops allow entries that a shorter allow of the same key and identity, or of
 /// [`ID_ANY`], already covers: the lookup sequence allows them anyway.
 fn prune(policy: &mut BTreeMap<Lpm<PolicyKey>, PolicyValue>) {
-    let plens = |max: u32| {
-        std::iter::once(POLICY_PLEN_ANY_PROTO)
-            .chain(POLICY_PLEN_ANY_PORT..=POLICY_PLEN_FULL)
-            .filter(move |p| *p <= max)
-    };
+    // Only lengths some allow entry has can cover anything: probing just those keeps this
+    // at a few lookups per entry (it runs on every compile, over every entry).
+    let present: BTreeSet<u32> = policy
+        .iter()
+        .filter(|(_, v)| v.verdict == VERDICT_ALLOW)
+        .map(|((plen, _), _)| *plen)
+        .filter(|p| {
+            *p == POLICY_PLEN_ANY_PROTO || (POLICY_PLEN_ANY_PORT..=POLICY_PLEN_FULL).contains(p)
+        })
+        .collect();
+    let plens = |max: u32| present.iter().copied().filter(move |p| *p <= max);
     let covered: Vec<Lpm<PolicyKey>> = policy
         .iter()
         .filter(|(_, v)| v.verdict == VERDICT_ALLOW)

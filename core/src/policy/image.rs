@@ -104,8 +104,25 @@ pub fn lpm_get<K: LpmData, V: Copy>(
     key: &K,
     max_plen: u32,
 ) -> Option<(u32, V)> {
-    (0..=max_plen.min(K::BITS))
-        .rev()
+    lpm_get_among(map, key, (0..=max_plen.min(K::BITS)).rev())
+}
+
+/// The prefix lengths that occur in `map`, longest first.
+pub fn prefix_lengths<K, V>(map: &BTreeMap<Lpm<K>, V>) -> Vec<u32> {
+    let set: std::collections::BTreeSet<u32> = map.keys().map(|(plen, _)| *plen).collect();
+    set.into_iter().rev().collect()
+}
+
+/// [`lpm_get`] probing only the prefix lengths `plens` (longest first), e.g. those
+/// [`prefix_lengths`] found: one map lookup per length that occurs instead of one per
+/// possible length (129 for an address), which matters when it runs once per pod.
+pub fn lpm_get_among<K: LpmData, V: Copy>(
+    map: &BTreeMap<Lpm<K>, V>,
+    key: &K,
+    plens: impl IntoIterator<Item = u32>,
+) -> Option<(u32, V)> {
+    plens
+        .into_iter()
         .find_map(|plen| map.get(&(plen, key.masked(plen))).map(|v| (plen, *v)))
 }
 
@@ -179,5 +196,39 @@ mod tests {
         assert_eq!(show_addr_prefix(&net("10.1.0.0/16")), "10.1.0.0/16");
         assert_eq!(show_addr_prefix(&net("::/0")), "::/0");
         assert_eq!(show_addr_prefix(&net("10.244.0.5/4")), "0.0.0.0/4");
+    }
+
+    #[test]
+    fn probing_only_the_lengths_present_answers_as_probing_every_length() {
+        let mut m = BTreeMap::new();
+        for (i, n) in [
+            "0.0.0.0/0",
+            "10.0.0.0/8",
+            "10.1.0.0/16",
+            "10.1.2.0/25",
+            "::/0",
+        ]
+        .iter()
+        .enumerate()
+        {
+            m.insert(addr_prefix(&n.parse().unwrap()), i);
+        }
+        let plens = prefix_lengths(&m);
+        assert_eq!(plens, vec![96 + 25, 96 + 16, 96 + 8, 96, 0]);
+        for ip in [
+            "10.1.2.3",
+            "10.1.2.200",
+            "10.1.9.9",
+            "10.9.9.9",
+            "11.0.0.1",
+            "2001:db8::1",
+        ] {
+            let a = Addr::from_ip(ip.parse().unwrap());
+            assert_eq!(
+                lpm_get_among(&m, &a, plens.iter().copied()),
+                lpm_get(&m, &a, 128),
+                "{ip}"
+            );
+        }
     }
 }
