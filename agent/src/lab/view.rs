@@ -245,10 +245,32 @@ pub fn lab_view(lab: &Lab, changes: Option<Vec<Change>>) -> LabView {
             }
         })
         .collect();
+    // The slices of each Service, indexed once: a scan of every slice per Service would
+    // make the view quadratic (50k Services took minutes).
+    let mut slices_of: BTreeMap<(&str, &str), Vec<(&String, &SliceObj)>> = BTreeMap::new();
+    for (sk, sl) in &r.slices {
+        if let Some(svc) = sl
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(spec::LABEL_SERVICE_NAME))
+        {
+            slices_of
+                .entry((spec::ns_of(&sl.metadata), svc.as_str()))
+                .or_default()
+                .push((sk, sl));
+        }
+    }
     let services = r
         .services
         .iter()
-        .map(|(k, s)| service_view(r, k, s))
+        .map(|(k, s)| {
+            let (ns, name) = split_key(k);
+            let slices = slices_of
+                .get(&(ns.as_str(), name.as_str()))
+                .map_or(&[][..], Vec::as_slice);
+            service_view(k, s, slices)
+        })
         .collect();
     let endpoint_servers = r
         .endpoint_servers
@@ -301,27 +323,21 @@ pub fn lab_view(lab: &Lab, changes: Option<Vec<Change>>) -> LabView {
     }
 }
 
+type SliceObj = k8s_openapi::api::discovery::v1::EndpointSlice;
+
+/// One Service with its EndpointSlices (`slices`: those labelled with its name in its
+/// namespace).
 fn service_view(
-    r: &spec::Resolved,
     k: &str,
     s: &k8s_openapi::api::core::v1::Service,
+    slices: &[(&String, &SliceObj)],
 ) -> ServiceView {
     let (ns, name) = split_key(k);
     let spec_ = s.spec.clone().unwrap_or_default();
     let headless = spec_.cluster_ip.as_deref() == Some("None");
     let mut derived = false;
     let mut endpoints = Vec::new();
-    for (sk, sl) in &r.slices {
-        if spec::ns_of(&sl.metadata) != ns
-            || sl
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(spec::LABEL_SERVICE_NAME))
-                != Some(&name)
-        {
-            continue;
-        }
+    for (sk, sl) in slices.iter().copied() {
         derived |= sl
             .metadata
             .annotations
@@ -403,7 +419,7 @@ fn service_view(
             .unwrap_or_else(|| "Cluster".into()),
         endpoint_slices: if derived {
             "derived"
-        } else if has_given(r, &ns, &name) {
+        } else if has_given(slices) {
             "given"
         } else {
             "none"
@@ -412,19 +428,12 @@ fn service_view(
     }
 }
 
-fn has_given(r: &spec::Resolved, ns: &str, name: &str) -> bool {
-    r.slices.values().any(|sl| {
-        spec::ns_of(&sl.metadata) == ns
-            && sl
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(spec::LABEL_SERVICE_NAME))
-                .is_some_and(|n| n == name)
-            && !sl
-                .metadata
-                .annotations
-                .as_ref()
-                .is_some_and(|a| a.contains_key(spec::ANNOTATION_DERIVED))
+/// Whether some of the Service's slices were given (not derived by the lab).
+fn has_given(slices: &[(&String, &SliceObj)]) -> bool {
+    slices.iter().any(|(_, sl)| {
+        !sl.metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key(spec::ANNOTATION_DERIVED))
     })
 }
