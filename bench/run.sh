@@ -42,7 +42,10 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 echo "==> weir-bench suite $mode -> $out" >&2
-WEIR_BENCH_COMMAND="bench/run.sh $mode $*" target/release/weir-bench suite $mode \
+# weir-bench knows --quick; full is its default.
+quick=()
+[[ $mode == --quick ]] && quick=(--quick)
+WEIR_BENCH_COMMAND="bench/run.sh $mode $*" target/release/weir-bench suite "${quick[@]}" \
   --out "$out" --results-md bench/RESULTS.md \
   --weir "$PWD/target/release/weir" "$@"
 echo "==> done: bench/RESULTS.md, $out/" >&2

@@ -227,6 +227,20 @@ impl LabGuard {
         Ok(t.elapsed().as_secs_f64())
     }
 
+    /// The node agent's resident memory now and its peak since it started (MiB), from
+    /// /proc: what the whole agent (sources, Store, syncer, observers) holds.
+    fn agent_memory(&self) -> Option<(f64, f64)> {
+        let pid = self.view["nodes"][0]["agent"]["pid"].as_u64()?;
+        let st = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let kib = |f: &str| {
+            st.lines()
+                .find(|l| l.starts_with(f))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+        };
+        Some((kib("VmRSS:")? / 1024.0, kib("VmHWM:")? / 1024.0))
+    }
+
     fn node_netns(&self) -> String {
         self.view["nodes"][0]["netns"]
             .as_str()
@@ -721,6 +735,11 @@ fn weir_runs(
         if i > 0 {
             let s = lab.apply(&cluster::services_path(dir, n))?;
             cx.notes.push(format!("{dp}: `weir lab apply` to {n} Services returned after {s:.1} s (YAML written, agent re-read the directory, programmed)"));
+        }
+        if let Some((rss, hwm)) = lab.agent_memory() {
+            cx.notes.push(format!(
+                "{dp}: the agent at {n} Services: VmRSS {rss:.0} MiB, VmHWM {hwm:.0} MiB (peak since its start)"
+            ));
         }
         cx.sanity(&lab, dp, n);
         cx.measure(&lab, dp, n, false)?;
