@@ -1353,7 +1353,7 @@ fn direction_view(
             && last.verdict == verdict
             && last.protocol == protocol
         {
-            let _ = write!(last.ports, ",{port}");
+            join_ports(&mut last.ports, &port);
             continue;
         }
         rules.push(PolicyRuleView {
@@ -1373,6 +1373,27 @@ fn direction_view(
         rules,
         otherwise,
     }
+}
+
+/// Appends a port block to a comma-separated list, merged into the last range when the
+/// two touch: the maps hold a port range as aligned power-of-two blocks (`8000-8999` is
+/// 8000-8031, 8032-8063, ... 8992-8999), and the reader wrote 8000-8999.
+fn join_ports(ports: &mut String, next: &str) {
+    let range = |s: &str| -> Option<(u32, u32)> {
+        match s.split_once('-') {
+            Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
+            None => s.parse().ok().map(|a| (a, a)),
+        }
+    };
+    let cut = ports.rfind(',').map_or(0, |i| i + 1);
+    if let (Some((lo, hi)), Some((nlo, nhi))) = (range(&ports[cut..]), range(next))
+        && nlo == hi + 1
+    {
+        ports.truncate(cut);
+        let _ = write!(ports, "{lo}-{nhi}");
+        return;
+    }
+    let _ = write!(ports, ",{next}");
 }
 
 /// What the pod at `ip` may send and receive, from the policy maps in `img`
@@ -1819,6 +1840,38 @@ mod tests {
     }
 
     #[test]
+    fn touching_port_blocks_are_shown_as_one_range() {
+        let mut p = "8000-8031".to_string();
+        for b in [
+            "8032-8063",
+            "8064-8191",
+            "8192-8999",
+            "9100",
+            "9101",
+            "9200-9201",
+        ] {
+            join_ports(&mut p, b);
+        }
+        assert_eq!(p, "8000-8999,9100-9101,9200-9201");
+        let mut p = "80".to_string();
+        join_ports(&mut p, "443");
+        assert_eq!(p, "80,443");
+    }
+
+    /// A conntrack key from host-order ports.
+    fn ct_key(src: Addr, sport: u16, dst: Addr, dport: u16, proto: u8, kind: u8) -> CtKey {
+        CtKey {
+            src,
+            dst,
+            sport_be: sport.to_be(),
+            dport_be: dport.to_be(),
+            proto,
+            kind,
+            pad: [0; 2],
+        }
+    }
+
+    #[test]
     fn conntrack_golden() {
         let a = |s: &str| Addr::from_ip(s.parse().unwrap());
         let s = 1_000_000_000u64;
@@ -1826,15 +1879,7 @@ mod tests {
         let mut m = BTreeMap::new();
         let client = a("10.244.1.5");
         m.insert(
-            CtKey {
-                src: client,
-                dst: a("10.96.0.10"),
-                sport_be: 40000u16.to_be(),
-                dport_be: 80u16.to_be(),
-                proto: proto::TCP,
-                kind: CT_KIND_SVC,
-                pad: [0; 2],
-            },
+            ct_key(client, 40000, a("10.96.0.10"), 80, proto::TCP, CT_KIND_SVC),
             CtEntry {
                 created_ns: now - 90 * s,
                 last_seen_ns: now - 2 * s,
@@ -1851,15 +1896,14 @@ mod tests {
             },
         );
         m.insert(
-            CtKey {
-                src: client,
-                dst: a("10.244.2.7"),
-                sport_be: 40000u16.to_be(),
-                dport_be: 8080u16.to_be(),
-                proto: proto::TCP,
-                kind: CT_KIND_FLOW,
-                pad: [0; 2],
-            },
+            ct_key(
+                client,
+                40000,
+                a("10.244.2.7"),
+                8080,
+                proto::TCP,
+                CT_KIND_FLOW,
+            ),
             CtEntry {
                 created_ns: now - 90 * s,
                 last_seen_ns: now - 2 * s,
@@ -1877,15 +1921,14 @@ mod tests {
             },
         );
         m.insert(
-            CtKey {
-                src: a("203.0.113.9"),
-                dst: a("192.168.10.11"),
-                sport_be: 5353u16.to_be(),
-                dport_be: 30053u16.to_be(),
-                proto: proto::UDP,
-                kind: CT_KIND_SVC,
-                pad: [0; 2],
-            },
+            ct_key(
+                a("203.0.113.9"),
+                5353,
+                a("192.168.10.11"),
+                30053,
+                proto::UDP,
+                CT_KIND_SVC,
+            ),
             CtEntry {
                 created_ns: now - 5 * s,
                 last_seen_ns: now - 5 * s,
