@@ -13,7 +13,10 @@
 
 mod support;
 
-use support::lab::{Case, NetpolLab, XYZ_PODS, all_allowed, netpol, xyz_namespace, xyz_pod};
+use support::lab::{
+    Case, NetpolLab, ONLY_X_A_DENIED, ONLY_Y_REACHES_X_A, XYZ_PODS, all_allowed, netpol,
+    xyz_namespace, xyz_pod,
+};
 
 const T01: &str = "
 TCP/80   x/a x/b x/c y/a y/b y/c z/a z/b z/c
@@ -41,19 +44,6 @@ z/b        X   X   X   .   .   .   .   .   .
 z/c        X   X   X   .   .   .   .   .   .
 ";
 
-const ONLY_X_A_DENIED: &str = "
-TCP/80   x/a x/b x/c y/a y/b y/c z/a z/b z/c
-x/a        X   .   .   .   .   .   .   .   .
-x/b        X   .   .   .   .   .   .   .   .
-x/c        X   .   .   .   .   .   .   .   .
-y/a        X   .   .   .   .   .   .   .   .
-y/b        X   .   .   .   .   .   .   .   .
-y/c        X   .   .   .   .   .   .   .   .
-z/a        X   .   .   .   .   .   .   .   .
-z/b        X   .   .   .   .   .   .   .   .
-z/c        X   .   .   .   .   .   .   .   .
-";
-
 /// T03/T07/T22 step 2: only x/b reaches x/a.
 const ONLY_X_B_REACHES_X_A: &str = "
 TCP/80   x/a x/b x/c y/a y/b y/c z/a z/b z/c
@@ -63,20 +53,6 @@ x/c        X   .   .   .   .   .   .   .   .
 y/a        X   .   .   .   .   .   .   .   .
 y/b        X   .   .   .   .   .   .   .   .
 y/c        X   .   .   .   .   .   .   .   .
-z/a        X   .   .   .   .   .   .   .   .
-z/b        X   .   .   .   .   .   .   .   .
-z/c        X   .   .   .   .   .   .   .   .
-";
-
-/// T06/T14/T21 step 2: only namespace y reaches x/a.
-const ONLY_Y_REACHES_X_A: &str = "
-TCP/80   x/a x/b x/c y/a y/b y/c z/a z/b z/c
-x/a        X   .   .   .   .   .   .   .   .
-x/b        X   .   .   .   .   .   .   .   .
-x/c        X   .   .   .   .   .   .   .   .
-y/a        .   .   .   .   .   .   .   .   .
-y/b        .   .   .   .   .   .   .   .   .
-y/c        .   .   .   .   .   .   .   .   .
 z/a        X   .   .   .   .   .   .   .   .
 z/b        X   .   .   .   .   .   .   .   .
 z/c        X   .   .   .   .   .   .   .   .

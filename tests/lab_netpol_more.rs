@@ -13,39 +13,11 @@
 
 mod support;
 
-use support::lab::{Case, NetpolLab, all_allowed, netpol};
+use support::lab::{Case, NetpolLab, ONLY_X_A_DENIED, ONLY_Y_REACHES_X_A, all_allowed, netpol};
 
 fn x(name: &str, spec: &str) -> String {
     netpol("x", name, spec)
 }
-
-/// Every source -> x/a denied.
-const ONLY_X_A_DENIED: &str = "
-TCP/80   x/a x/b x/c y/a y/b y/c z/a z/b z/c
-x/a        X   .   .   .   .   .   .   .   .
-x/b        X   .   .   .   .   .   .   .   .
-x/c        X   .   .   .   .   .   .   .   .
-y/a        X   .   .   .   .   .   .   .   .
-y/b        X   .   .   .   .   .   .   .   .
-y/c        X   .   .   .   .   .   .   .   .
-z/a        X   .   .   .   .   .   .   .   .
-z/b        X   .   .   .   .   .   .   .   .
-z/c        X   .   .   .   .   .   .   .   .
-";
-
-/// Only namespace y reaches x/a.
-const ONLY_Y_REACHES_X_A: &str = "
-TCP/80   x/a x/b x/c y/a y/b y/c z/a z/b z/c
-x/a        X   .   .   .   .   .   .   .   .
-x/b        X   .   .   .   .   .   .   .   .
-x/c        X   .   .   .   .   .   .   .   .
-y/a        .   .   .   .   .   .   .   .   .
-y/b        .   .   .   .   .   .   .   .   .
-y/c        .   .   .   .   .   .   .   .   .
-z/a        X   .   .   .   .   .   .   .   .
-z/b        X   .   .   .   .   .   .   .   .
-z/c        X   .   .   .   .   .   .   .   .
-";
 
 /// Every source -> x/* denied.
 const X_DENIED: &str = "

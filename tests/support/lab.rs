@@ -268,6 +268,34 @@ pub const XYZ_PODS: [&str; 9] = [
     "x/a", "x/b", "x/c", "y/a", "y/b", "y/c", "z/a", "z/b", "z/c",
 ];
 
+/// Every source -> x/a denied (upstream T01 and the first step of many cases).
+pub const ONLY_X_A_DENIED: &str = "
+TCP/80   x/a x/b x/c y/a y/b y/c z/a z/b z/c
+x/a        X   .   .   .   .   .   .   .   .
+x/b        X   .   .   .   .   .   .   .   .
+x/c        X   .   .   .   .   .   .   .   .
+y/a        X   .   .   .   .   .   .   .   .
+y/b        X   .   .   .   .   .   .   .   .
+y/c        X   .   .   .   .   .   .   .   .
+z/a        X   .   .   .   .   .   .   .   .
+z/b        X   .   .   .   .   .   .   .   .
+z/c        X   .   .   .   .   .   .   .   .
+";
+
+/// Only namespace y reaches x/a (T06/T14/T21 step 2).
+pub const ONLY_Y_REACHES_X_A: &str = "
+TCP/80   x/a x/b x/c y/a y/b y/c z/a z/b z/c
+x/a        X   .   .   .   .   .   .   .   .
+x/b        X   .   .   .   .   .   .   .   .
+x/c        X   .   .   .   .   .   .   .   .
+y/a        .   .   .   .   .   .   .   .   .
+y/b        .   .   .   .   .   .   .   .   .
+y/c        .   .   .   .   .   .   .   .   .
+z/a        X   .   .   .   .   .   .   .   .
+z/b        X   .   .   .   .   .   .   .   .
+z/c        X   .   .   .   .   .   .   .   .
+";
+
 /// Parses an upstream-style truth table (`.` allowed, `X` denied; first line the
 /// header) into (from, to, allowed).
 pub fn parse_truth_table(t: &str) -> Vec<(String, String, bool)> {
