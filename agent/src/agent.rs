@@ -390,7 +390,9 @@ impl Hooks for AgentHooks<'_> {
         self.observer.events_applied(store);
     }
     fn synced(&mut self, _syncer: &Syncer, report: &SyncReport) {
-        if report.ops > 0 {
+        // Only a BACKENDS change can strand a socket-LB socket on a backend that is
+        // gone (gc::stale_targets reads BACKENDS and SOCK_REV only).
+        if report.backend_ops > 0 {
             let _ = self.gc_kick.send(());
         }
     }
@@ -456,7 +458,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
 
     attach_interfaces(&mut dataplane, &cfg.pod_ifaces, &cfg.uplinks);
     let (gc_kick, gc_rx) = std::sync::mpsc::channel();
-    let gc_counters = std::sync::Arc::new(crate::datapath::gc::GcCounters::default());
+    let gc_counters = obs.shared.gc.clone();
     let gc = crate::datapath::gc::spawn(
         crate::datapath::gc::GcConfig {
             pin_dir: cfg.pin_dir.clone(),

@@ -100,6 +100,7 @@ fn cluster(n: usize, per: usize) -> Cluster {
             sid.clone(),
             EndpointSlice {
                 id: sid,
+                trigger_time_unix_ns: None,
                 service: Some(name),
                 address_type: AddressType::IPv4,
                 ports: vec![EndpointPort {

@@ -181,6 +181,12 @@ pub struct EndpointSlice {
     pub address_type: AddressType,
     pub ports: Vec<EndpointPort>,
     pub endpoints: Vec<Endpoint>,
+    /// The `endpoints.kubernetes.io/last-change-trigger-time` annotation as Unix time in
+    /// nanoseconds: when the change behind this version of the slice happened (a Pod or
+    /// Service update), as the EndpointSlice controller recorded it. kube-proxy measures
+    /// its network programming latency from it (pkg/proxy/endpointslicecache.go).
+    #[serde(default)]
+    pub trigger_time_unix_ns: Option<i64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]

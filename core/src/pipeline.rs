@@ -750,6 +750,7 @@ mod tests {
     fn slice(svc: &str, suffix: &str, eps: &[(&str, bool)]) -> EndpointSlice {
         EndpointSlice {
             id: ObjRef::new("default", format!("{svc}-{suffix}")),
+            trigger_time_unix_ns: None,
             service: Some(svc.into()),
             address_type: AddressType::IPv4,
             ports: vec![EndpointPort {

@@ -500,6 +500,7 @@ mod tests {
     fn slice(name: &str, eps: Vec<Endpoint>) -> EndpointSlice {
         EndpointSlice {
             id: ObjRef::new("default", format!("{name}-abc")),
+            trigger_time_unix_ns: None,
             service: Some(name.into()),
             address_type: AddressType::IPv4,
             ports: vec![EndpointPort {

@@ -79,6 +79,10 @@ pub struct Counters {
 pub struct SyncReport {
     /// Ops applied.
     pub ops: usize,
+    /// Of those, ops on `BACKENDS` (a backend added, changed or removed): only these can
+    /// leave a socket-LB socket connected to a backend that is gone, so the agent's socket
+    /// sweep runs after such syncs only.
+    pub backend_ops: usize,
     /// Ops planned (more than `ops` when the apply failed).
     pub planned: usize,
     /// Deletions held back until every source has listed.
@@ -245,6 +249,10 @@ impl Syncer {
         .apply_to(&mut self.current);
         self.counters.ops_applied += out.applied as u64;
         report.ops = out.applied;
+        report.backend_ops = plan.ops[..out.applied]
+            .iter()
+            .filter(|o| o.map_name() == weir_common::maps::BACKENDS)
+            .count();
         self.pending = deferred;
         if let Some(e) = out.error {
             self.pending.extend(&ImageKeys::of_plan(&Plan {
@@ -451,6 +459,7 @@ mod tests {
             sid.clone(),
             EndpointSlice {
                 id: sid.clone(),
+                trigger_time_unix_ns: None,
                 service: Some(name.into()),
                 address_type: AddressType::IPv4,
                 ports: vec![EndpointPort {
@@ -544,6 +553,55 @@ mod tests {
             .apply_to(&mut img);
             assert_consistent(&img, &format!("op {i} {op:?}"));
         }
+    }
+
+    #[test]
+    fn the_report_counts_backend_ops_apart_from_the_others() {
+        let mut c = Cluster::default();
+        add(&mut c, "s1", "10.96.0.1", &["10.0.0.1", "10.0.0.2"]);
+        let mut fake = FakeDatapath::default();
+        let mut s = Syncer::new(settings(), MapImage::default(), fake.capacities());
+        let r = sync(&mut s, &c, &ChangeSet::everything(), true, &mut fake);
+        assert_eq!(r.backend_ops, 2, "two backends written");
+        assert!(r.ops > r.backend_ops);
+
+        // A NetworkPolicy isolating a local pod writes policy maps only.
+        let pod = ObjRef::new("default", "p");
+        c.pods.insert(
+            pod.clone(),
+            Pod {
+                id: pod.clone(),
+                labels: [("app".to_string(), "p".to_string())].into(),
+                node_name: Some("n1".into()),
+                ips: vec![ip("10.0.9.9")],
+                ..Default::default()
+            },
+        );
+        let pol = ObjRef::new("default", "deny");
+        c.policies.insert(
+            pol.clone(),
+            NetworkPolicy {
+                id: pol.clone(),
+                policy_types: PolicyTypes {
+                    ingress: true,
+                    egress: false,
+                },
+                ..Default::default()
+            },
+        );
+        let ch = ChangeSet {
+            pods: [pod].into(),
+            policies: [pol].into(),
+            ..Default::default()
+        };
+        let r = sync(&mut s, &c, &ch, true, &mut fake);
+        assert!(r.ops > 0, "the policy is programmed");
+        assert_eq!(r.backend_ops, 0);
+
+        // An endpoint removed: its backend goes.
+        let ch = add(&mut c, "s1", "10.96.0.1", &["10.0.0.1"]);
+        let r = sync(&mut s, &c, &ch, true, &mut fake);
+        assert!(r.backend_ops >= 1, "{:?}", fake.log);
     }
 
     #[test]

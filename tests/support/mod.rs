@@ -72,6 +72,7 @@ pub fn add_service(
             sid.clone(),
             EndpointSlice {
                 id: sid,
+                trigger_time_unix_ns: None,
                 service: Some(name.into()),
                 address_type: family,
                 ports: vec![EndpointPort {
@@ -287,6 +288,7 @@ impl Svc {
                 sid.clone(),
                 EndpointSlice {
                     id: sid,
+                    trigger_time_unix_ns: None,
                     service: Some(id.name.clone()),
                     address_type: fam,
                     ports: self.ports.clone(),

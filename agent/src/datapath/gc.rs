@@ -326,7 +326,7 @@ pub struct GcConfig {
 }
 
 /// The housekeeping thread; it stops when the sender of `kick` is dropped. Every sync
-/// that changed the maps kicks it so stale sockets are destroyed at once; conntrack is
+/// that wrote `BACKENDS` kicks it so stale sockets are destroyed at once; conntrack is
 /// swept every `ct_interval`.
 pub fn spawn(
     cfg: GcConfig,
@@ -373,7 +373,7 @@ pub fn spawn(
                     }
                 }
                 if Instant::now() >= next_ct {
-                    next_ct = Instant::now() + cfg.ct_interval;
+                    let started = Instant::now();
                     let ct: Result<BpfHashMap<MapData, CtKey, CtEntry>> =
                         open_pinned(&cfg.pin_dir, names::CT)
                             .and_then(|m| m.try_into().context("CT map"));
@@ -383,10 +383,13 @@ pub fn spawn(
                             counters.ct_sweeps.fetch_add(1, Ordering::Relaxed);
                             counters.ct_deleted.fetch_add(s.deleted, Ordering::Relaxed);
                             debug!(scanned = s.scanned, deleted = s.deleted, "conntrack sweep");
+                            next_ct = Instant::now()
+                                + crate::observe::scan_pause(cfg.ct_interval, started.elapsed());
                         }
                         Err(e) => {
                             counters.errors.fetch_add(1, Ordering::Relaxed);
                             warn!(error = %format!("{e:#}"), "conntrack sweep failed");
+                            next_ct = Instant::now() + cfg.ct_interval;
                         }
                     }
                 }

@@ -278,6 +278,36 @@ impl Collector for WeirCollector {
                 *n as i64,
             ));
         }
+        let gc = &self.shared.gc;
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        counters(
+            &mut enc,
+            "weir_conntrack_gc_sweeps",
+            "Conntrack sweeps of the housekeeping thread (every --ct-gc-interval-ms)",
+            None,
+            &one(load(&gc.ct_sweeps)),
+        )?;
+        counters(
+            &mut enc,
+            "weir_conntrack_gc_deleted_entries",
+            "Conntrack entries the sweeps deleted (expired, and unchanged since they were read)",
+            None,
+            &one(load(&gc.ct_deleted)),
+        )?;
+        counters(
+            &mut enc,
+            "weir_sockets_destroyed",
+            "Sockets socket LB had connected to a backend that is gone, destroyed with SOCK_DESTROY so that their owners see an error at once",
+            None,
+            &one(load(&gc.sockets_destroyed)),
+        )?;
+        counters(
+            &mut enc,
+            "weir_gc_errors",
+            "Conntrack or socket sweeps that failed (the next one retries)",
+            None,
+            &one(load(&gc.errors)),
+        )?;
         gauges(
             &mut enc,
             "weir_conntrack_entries",

@@ -107,6 +107,10 @@ pub struct Histograms {
     /// From the moment the Store saw an object change to the end of the map write that
     /// programmed it, by kind (kube-proxy's `network_programming_duration_seconds`).
     pub programming: KindHistograms,
+    /// From an EndpointSlice's last-change-trigger-time annotation to the end of the map
+    /// write that programmed that version: kube-proxy's definition of
+    /// `network_programming_duration_seconds`, API server and watch delays included.
+    pub trigger: Histogram,
     /// Duration of one sync (kube-proxy's `sync_proxy_rules_duration_seconds`).
     pub sync: Histogram,
 }
@@ -121,6 +125,7 @@ impl Default for Histograms {
     fn default() -> Self {
         Histograms {
             programming: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            trigger: latency_histogram(),
             sync: latency_histogram(),
         }
     }
@@ -135,6 +140,8 @@ pub struct Shared {
     pub kube: Arc<crate::source::kube::KubeCounters>,
     pub events: EventCounts,
     pub health: crate::health::HealthCounters,
+    /// The housekeeping thread's totals (conntrack sweeps, destroyed sockets).
+    pub gc: Arc<crate::datapath::gc::GcCounters>,
     /// `weir_build_info` labels.
     pub build: Vec<(&'static str, String)>,
 }
@@ -153,6 +160,7 @@ impl Shared {
             kube,
             events: EventCounts::default(),
             health: Default::default(),
+            gc: Default::default(),
             build: build_info(),
         }
     }
@@ -183,6 +191,12 @@ impl Metrics {
             "Time from the moment the agent saw an object change (its Store received the watch or file event) to the end of the map write that programmed it, by object kind (compare kube-proxy's network_programming_duration_seconds)",
             Unit::Seconds,
             hist.programming.clone(),
+        );
+        registry.register_with_unit(
+            "weir_endpoint_programming_from_trigger_duration",
+            "Time from an EndpointSlice's endpoints.kubernetes.io/last-change-trigger-time annotation (the Pod or Service change behind it, as the EndpointSlice controller recorded it) to the end of the map write that programmed it: kube-proxy's definition of network_programming_duration_seconds",
+            Unit::Seconds,
+            hist.trigger.clone(),
         );
         registry.register_with_unit(
             "weir_sync_proxy_rules_duration",

@@ -5,7 +5,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, atomic::Ordering},
 };
 
 use weir_common::{
@@ -301,6 +301,9 @@ fn conntrack_maps_sync_and_event_counters() {
         .lock()
         .unwrap()
         .insert(EV_DROP, 990);
+    m.shared.gc.ct_sweeps.store(7, Ordering::Relaxed);
+    m.shared.gc.ct_deleted.store(31, Ordering::Relaxed);
+    m.shared.gc.sockets_destroyed.store(2, Ordering::Relaxed);
     let t = om(&m);
     for want in [
         r#"weir_conntrack_entries{protocol="TCP",kind="flow"} 40"#,
@@ -317,6 +320,10 @@ fn conntrack_maps_sync_and_event_counters() {
         r#"weir_flow_events_total{class="drop",outcome="rate_limited"} 250"#,
         r#"weir_flow_events_total{class="flow",outcome="not_sampled"} 9"#,
         r#"weir_flow_events_received_total{kind="drop"} 990"#,
+        "weir_conntrack_gc_sweeps_total 7",
+        "weir_conntrack_gc_deleted_entries_total 31",
+        "weir_sockets_destroyed_total 2",
+        "weir_gc_errors_total 0",
     ] {
         assert!(t.contains(want), "missing {want} in\n{t}");
     }

@@ -179,6 +179,10 @@ pub fn service(s: &core::Service) -> Result<Service, ConvertError> {
 /// discovery.k8s.io/v1 LabelServiceName.
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 
+/// Set by the EndpointSlice controller to the time of the change that triggered this
+/// version (RFC 3339); kube-proxy's network programming latency starts there.
+pub const ANNOTATION_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
 pub fn endpoint_slice(s: &discovery::EndpointSlice) -> Result<EndpointSlice, ConvertError> {
     const K: &str = "EndpointSlice";
     let id = objref(&s.metadata);
@@ -251,6 +255,14 @@ pub fn endpoint_slice(s: &discovery::EndpointSlice) -> Result<EndpointSlice, Con
             .and_then(|l| l.get(LABEL_SERVICE_NAME))
             .filter(|n| !n.is_empty())
             .cloned(),
+        // An unparsable annotation only loses the latency observation, not the slice.
+        trigger_time_unix_ns: s
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ANNOTATION_TRIGGER_TIME))
+            .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+            .and_then(|t| i64::try_from(t.as_nanosecond()).ok()),
         id,
         address_type,
         ports,
@@ -701,6 +713,27 @@ mod tests {
         assert_eq!(s.ports[0].port, 8081);
         assert_eq!(s.endpoints[0].ready, Some(true));
         assert_eq!(s.endpoints[0].serving, None);
+        assert_eq!(s.trigger_time_unix_ns, None);
+    }
+
+    #[test]
+    fn the_trigger_time_annotation_is_read_and_a_bad_one_ignored() {
+        let slice = |ann: &str| {
+            let y = format!(
+                "metadata: {{name: web-1, namespace: default, annotations: {{endpoints.kubernetes.io/last-change-trigger-time: '{ann}'}}}}\naddressType: IPv4\nendpoints: []\n"
+            );
+            endpoint_slice(&serde_yaml::from_str(&y).unwrap()).unwrap()
+        };
+        // The controller writes RFC 3339 with nanoseconds (time.RFC3339Nano).
+        assert_eq!(
+            slice("2026-11-22T10:00:01.5Z").trigger_time_unix_ns,
+            Some(1_795_341_601_500_000_000)
+        );
+        assert_eq!(
+            slice("2026-11-22T10:00:01Z").trigger_time_unix_ns,
+            Some(1_795_341_601_000_000_000)
+        );
+        assert_eq!(slice("yesterday").trigger_time_unix_ns, None);
     }
     fn np(y: &str) -> Result<NetworkPolicy, ConvertError> {
         network_policy(&serde_yaml::from_str(y).unwrap())
