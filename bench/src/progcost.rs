@@ -35,6 +35,8 @@ pub struct PathCost {
     pub path: String,
     pub services: usize,
     pub policies: usize,
+    /// Pods in the cluster the maps were compiled from.
+    pub pods: usize,
     /// The program run (`tc_from_pod`, `tc_to_pod`).
     pub program: String,
     pub runs: u32,
@@ -197,6 +199,7 @@ pub fn measure(n: usize, runs: u32) -> Result<Vec<PathCost>> {
             path: path.into(),
             services: n,
             policies: 0,
+            pods: c.pods.len(),
             program: Hook::FromPod.program().into(),
             runs,
             median_ns: median,
@@ -214,6 +217,7 @@ pub fn measure(n: usize, runs: u32) -> Result<Vec<PathCost>> {
         path: "plain-repeat".into(),
         services: n,
         policies: 0,
+        pods: c.pods.len(),
         program: Hook::FromPod.program().into(),
         runs: runs.max(1000),
         median_ns: rep.duration.as_nanos() as f64,
@@ -250,7 +254,10 @@ spec:
 pub fn measure_policy(runs: u32) -> Result<Vec<PathCost>> {
     let runs = runs.min(50_000); // distinct source ports for the new connections
     let mut out = Vec::new();
-    for variant in 0..3 {
+    // 0: no policy; 1: the backend policy; 2: it plus 10k generated pods on 100 nodes
+    // and no other policy (separates the cost of a large IPCACHE from that of many
+    // policies); 3: it plus the generated 10k pods and 1k policies.
+    for variant in 0..4 {
         let mut c = cluster(1)?;
         if variant >= 1 {
             let (objs, errs) = weir::source::yaml::parse_documents(BACKEND_POLICY, "policy");
@@ -260,10 +267,15 @@ pub fn measure_policy(runs: u32) -> Result<Vec<PathCost>> {
             let (pc, _) = weir::source::dir::to_cluster(&objs);
             c.policies.extend(pc.policies);
         }
-        if variant == 2 {
-            crate::policygen::add(&mut c, &crate::policygen::Gen::ISSUE, cluster::NODE);
+        if variant >= 2 {
+            let g = crate::policygen::Gen {
+                policies: if variant == 2 { 0 } else { 1_000 },
+                ..crate::policygen::Gen::ISSUE
+            };
+            crate::policygen::add(&mut c, &g, cluster::NODE);
         }
         let policies = c.policies.len();
+        let pods = c.pods.len();
         let (img, errs) = Pipeline::new(settings()).desired(&c, 1);
         if !errs.is_empty() {
             bail!("pipeline refused objects: {:?}", errs.first());
@@ -282,9 +294,9 @@ pub fn measure_policy(runs: u32) -> Result<Vec<PathCost>> {
 
         // Check each packet's first run before timing it.
         let what = if isolated {
-            "backend-0 isolated"
+            format!("backend-0 isolated, {pods} pods")
         } else {
-            "no policy (ENDPOINTS miss)"
+            "no policy (ENDPOINTS miss)".to_string()
         };
         let r = h.run(Hook::ToPod, &packet::tcp(est_client, server, SYN, b""))?;
         if r.verdict != TC_ACT_OK {
@@ -336,6 +348,7 @@ pub fn measure_policy(runs: u32) -> Result<Vec<PathCost>> {
                 path: path.into(),
                 services: 1,
                 policies,
+                pods,
                 program: Hook::ToPod.program().into(),
                 runs,
                 median_ns: median,

@@ -187,11 +187,18 @@ pub fn render(v: &Value, dir: &Path, rel: &str) -> Result<String> {
     let m = &v["meta"];
     let mut s = String::new();
     let _ = writeln!(s, "# weir benchmark results\n");
-    let _ = writeln!(
-        s,
-        "Measurements, not tests: nothing here is asserted in CI. Every ratio below compares figures measured in the same run ({}), on the same machine, in the same lab topology, from the same Kubernetes YAML.\n",
-        m["date"].as_str().unwrap_or("?")
-    );
+    if v["runs"].is_object() {
+        let _ = writeln!(
+            s,
+            "Measurements, not tests: nothing here is asserted in CI. The figures come from the runs listed below, on the same machine, in the same lab topology, from the same Kubernetes YAML; a ratio between dataplanes measured in different runs carries the noise between those runs as well.\n"
+        );
+    } else {
+        let _ = writeln!(
+            s,
+            "Measurements, not tests: nothing here is asserted in CI. Every ratio below compares figures measured in the same run ({}), on the same machine, in the same lab topology, from the same Kubernetes YAML.\n",
+            m["date"].as_str().unwrap_or("?")
+        );
+    }
     let _ = writeln!(s, "| | |\n|---|---|");
     for (k, label) in [
         ("date", "date (UTC)"),
@@ -226,6 +233,25 @@ pub fn render(v: &Value, dir: &Path, rel: &str) -> Result<String> {
         "| per run | {} s, median of {} repetition(s), 1 client thread (closed loop) |",
         m["durations"]["seconds_per_run"], m["durations"]["repetitions"]
     );
+    // A report combined from several runs (one interrupted) lists each.
+    if let Some(runs) = v["runs"].as_object() {
+        let _ = writeln!(
+            s,
+            "\nThis report combines {} runs on the same machine (figures of one dataplane always come from one run):\n",
+            runs.len()
+        );
+        for (name, r) in runs {
+            let _ = writeln!(
+                s,
+                "- run {name}: {} (commit `{}`), `{}`, load average {} -> {}",
+                r["date"].as_str().unwrap_or(""),
+                r["git"].as_str().unwrap_or(""),
+                r["command"].as_str().unwrap_or(""),
+                r["loadavg_start"].as_str().unwrap_or(""),
+                r["loadavg_end"].as_str().unwrap_or(""),
+            );
+        }
+    }
     let _ = writeln!(
         s,
         "\n**Noise.** The machine has 2 cores shared with other engineers' builds and tests; absolute figures move by tens of percent between runs (compare the load averages above). Ratios within one run are steadier, but a build that starts in the middle of one dataplane's runs still skews them: read small differences (< 10-15 %) as equal.\n"
@@ -365,16 +391,17 @@ pub fn render(v: &Value, dir: &Path, rel: &str) -> Result<String> {
         );
         let _ = writeln!(
             s,
-            "| path | program | Services | policies | runs | median ns | mean ns | p99 ns | checked |\n|---|---|---|---|---|---|---|---|---|"
+            "| path | program | Services | policies | pods | runs | median ns | mean ns | p99 ns | checked |\n|---|---|---|---|---|---|---|---|---|---|"
         );
         for p in pc {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 p["path"].as_str().unwrap_or(""),
                 p["program"].as_str().unwrap_or("tc_from_pod"),
                 p["services"],
                 p["policies"],
+                p["pods"],
                 p["runs"],
                 fmt(p["median_ns"].as_f64().unwrap_or(0.0)),
                 fmt(p["mean_ns"].as_f64().unwrap_or(0.0)),
@@ -403,6 +430,25 @@ pub fn render(v: &Value, dir: &Path, rel: &str) -> Result<String> {
                     ratio(median_ns(pc, path, 1, most), median_ns(pc, path, 1, 1)),
                     ratio(median_ns(pc, path, 1, 1), median_ns(pc, path, 1, 0)),
                 );
+                // One policy, with and without the generated pods: how much of the
+                // difference is the size of IPCACHE rather than the number of policies.
+                let one: Vec<&Value> = pc
+                    .iter()
+                    .filter(|p| p["path"] == path && p["policies"].as_u64() == Some(1))
+                    .collect();
+                if let (Some(few), Some(many)) = (
+                    one.iter().min_by_key(|p| p["pods"].as_u64()),
+                    one.iter().max_by_key(|p| p["pods"].as_u64()),
+                ) && few["pods"] != many["pods"]
+                {
+                    let _ = writeln!(
+                        s,
+                        "  - 1 policy, {} / {} pods = {}",
+                        many["pods"],
+                        few["pods"],
+                        ratio(many["median_ns"].as_f64(), few["median_ns"].as_f64())
+                    );
+                }
             }
         }
         if !pc.iter().any(|p| p["policies"].as_u64().unwrap_or(0) > 0) {
