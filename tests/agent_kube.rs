@@ -91,7 +91,7 @@ impl Drop for ServerInNetns {
 struct Rm(PathBuf);
 impl Drop for Rm {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        let _ = weir::datapath::remove_pin_dir(&self.0);
         let _ = std::fs::remove_file(&self.0);
     }
 }

@@ -14,6 +14,7 @@
 pub mod gc;
 pub mod maps;
 mod pins;
+pub use pins::remove_pin_dir;
 pub mod sockdiag;
 
 use std::{

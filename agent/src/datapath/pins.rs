@@ -131,9 +131,45 @@ impl PinDir {
     /// Removes every pin of this instance.
     pub fn remove_all(&self) -> Result<()> {
         if self.root.exists() {
-            std::fs::remove_dir_all(&self.root)
+            remove_pin_dir(&self.root)
                 .with_context(|| format!("removing {}", self.root.display()))?;
         }
         Ok(())
+    }
+}
+
+/// Removes a pin directory, and its parent when that is one of weir's own roots
+/// (`/sys/fs/bpf/weir`, `/sys/fs/bpf/weir-test`, ...) and now empty: `create_dir_all`
+/// made the root for the first pin directory, so the last one to go takes it along
+/// (`remove_dir` refuses a root other agents or tests still use).
+pub fn remove_pin_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::remove_dir_all(dir)?;
+    if let Some(parent) = dir.parent()
+        && parent
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("weir"))
+    {
+        let _ = std::fs::remove_dir(parent);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_pin_dir_takes_its_weir_root_along() {
+        let base = std::env::temp_dir().join(format!("weir-pins-{}", std::process::id()));
+        let root = base.join("weir-test");
+        let (a, b) = (root.join("a"), root.join("b"));
+        std::fs::create_dir_all(a.join("maps")).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        remove_pin_dir(&a).unwrap();
+        assert!(root.exists(), "b still uses the root");
+        remove_pin_dir(&b).unwrap();
+        assert!(!root.exists(), "the empty root is gone");
+        assert!(base.exists(), "only a weir* parent is removed");
+        std::fs::remove_dir(&base).unwrap();
     }
 }

@@ -541,7 +541,7 @@ pub fn down(names: &Names) -> DownReport {
         }
     }
     for p in find_leftovers(names).pin_dirs {
-        match std::fs::remove_dir_all(&p) {
+        match crate::datapath::remove_pin_dir(std::path::Path::new(&p)) {
             Ok(()) => report.pin_dirs.push(p),
             Err(e) => report.remaining.push(format!("pin directory {p}: {e}")),
         }

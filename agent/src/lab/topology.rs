@@ -639,7 +639,7 @@ impl Lab {
             state::stop_all(&[a], Duration::from_secs(5));
         }
         netns::ip(&["netns", "del", &n.netns]).ok();
-        let _ = std::fs::remove_dir_all(&n.pin_dir);
+        let _ = crate::datapath::remove_pin_dir(std::path::Path::new(&n.pin_dir));
         for _ in 0..100 {
             match std::fs::remove_dir(&n.cgroup) {
                 Ok(()) => break,
