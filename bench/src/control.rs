@@ -63,14 +63,16 @@ fn cpu_now() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
-fn run_sync<D: Datapath>(
-    n: usize,
-    changes: usize,
-    datapath: &str,
-    dp: &mut D,
-    before_mib: f64,
-    mut c: weir_core::model::Cluster,
-) -> WeirSync {
+/// The first sync from nothing, with the peak memory reset just before it.
+struct FirstSync {
+    ops: usize,
+    wall_s: f64,
+    cpu_s: f64,
+    /// VmHWM after the sync (model and loaded object included).
+    peak_mib: f64,
+}
+
+fn first_sync<D: Datapath>(c: &weir_core::model::Cluster, dp: &mut D) -> (Syncer, FirstSync) {
     let mut s = Syncer::new(
         progcost::settings(),
         MapImage::default(),
@@ -82,18 +84,70 @@ fn run_sync<D: Datapath>(
     let cpu = cpu_now();
     let r = s.sync(
         SyncInput {
-            cluster: &c,
+            cluster: c,
             changes: &ChangeSet::everything(),
             sources_synced: true,
             generation: 1,
         },
         dp,
     );
-    let wall = t.elapsed();
-    let cpu = cpu_now() - cpu;
-    let peak = status_kib("VmHWM:") / 1024.0;
-    let mut lat = Vec::with_capacity(changes);
-    let mut ops = 0usize;
+    let first = FirstSync {
+        ops: r.ops,
+        wall_s: t.elapsed().as_secs_f64(),
+        cpu_s: (cpu_now() - cpu).as_secs_f64(),
+        peak_mib: status_kib("VmHWM:") / 1024.0,
+    };
+    (s, first)
+}
+
+/// Single-change syncs, each timed from the change set to the map write done.
+#[derive(Default)]
+struct Latencies {
+    ns: Vec<u32>,
+    ops: usize,
+}
+
+impl Latencies {
+    fn time<D: Datapath>(
+        &mut self,
+        s: &mut Syncer,
+        c: &weir_core::model::Cluster,
+        cs: &ChangeSet,
+        generation: u64,
+        dp: &mut D,
+    ) {
+        let t = Instant::now();
+        let r = s.sync(
+            SyncInput {
+                cluster: c,
+                changes: cs,
+                sources_synced: true,
+                generation,
+            },
+            dp,
+        );
+        self.ns
+            .push(t.elapsed().as_nanos().min(u32::MAX as u128) as u32);
+        self.ops += r.ops;
+    }
+
+    /// The q-quantile in µs (1.0: the maximum).
+    fn quantile_us(&mut self, q: f64) -> f64 {
+        self.ns.sort_unstable();
+        crate::load::percentile(&self.ns, q) / 1e3
+    }
+}
+
+fn run_sync<D: Datapath>(
+    n: usize,
+    changes: usize,
+    datapath: &str,
+    dp: &mut D,
+    before_mib: f64,
+    mut c: weir_core::model::Cluster,
+) -> WeirSync {
+    let (mut s, first) = first_sync(&c, dp);
+    let mut lat = Latencies::default();
     for round in 0..changes {
         // Spread over the Services (a prime stride), alternating endpoints.
         let sid = ObjRef::new(
@@ -109,34 +163,22 @@ fn run_sync<D: Datapath>(
             slices: [sid].into(),
             ..Default::default()
         };
-        let t = Instant::now();
-        let r = s.sync(
-            SyncInput {
-                cluster: &c,
-                changes: &cs,
-                sources_synced: true,
-                generation: 2 + round as u64,
-            },
-            dp,
-        );
-        lat.push(t.elapsed().as_nanos().min(u32::MAX as u128) as u32);
-        ops += r.ops;
+        lat.time(&mut s, &c, &cs, 2 + round as u64, dp);
     }
-    lat.sort_unstable();
     WeirSync {
         datapath: datapath.into(),
         services: n,
         endpoints: n * cluster::ENDPOINTS_PER_SERVICE,
-        ops: r.ops,
-        wall_s: wall.as_secs_f64(),
-        cpu_s: cpu.as_secs_f64(),
-        peak_mib: peak,
+        ops: first.ops,
+        wall_s: first.wall_s,
+        cpu_s: first.cpu_s,
+        peak_mib: first.peak_mib,
         before_mib,
-        changes: lat.len(),
-        change_p50_us: crate::load::percentile(&lat, 0.5) / 1e3,
-        change_p99_us: crate::load::percentile(&lat, 0.99) / 1e3,
-        change_max_us: lat.last().copied().unwrap_or(0) as f64 / 1e3,
-        change_ops_mean: ops as f64 / lat.len().max(1) as f64,
+        changes: lat.ns.len(),
+        change_p50_us: lat.quantile_us(0.5),
+        change_p99_us: lat.quantile_us(0.99),
+        change_max_us: lat.quantile_us(1.0),
+        change_ops_mean: lat.ops as f64 / lat.ns.len().max(1) as f64,
     }
 }
 
@@ -215,26 +257,7 @@ fn run_policy_sync<D: Datapath>(
     mut c: weir_core::model::Cluster,
 ) -> PolicySync {
     let g = crate::policygen::Gen::ISSUE;
-    let mut s = Syncer::new(
-        progcost::settings(),
-        MapImage::default(),
-        Default::default(),
-    );
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-    let t = Instant::now();
-    let cpu = cpu_now();
-    let r = s.sync(
-        SyncInput {
-            cluster: &c,
-            changes: &ChangeSet::everything(),
-            sources_synced: true,
-            generation: 1,
-        },
-        dp,
-    );
-    let wall = t.elapsed();
-    let cpu = cpu_now() - cpu;
-    let peak = status_kib("VmHWM:") / 1024.0;
+    let (mut s, first) = first_sync(&c, dp);
     let img = &s.current().policy;
     let sizes = (
         img.ipcache.len(),
@@ -250,8 +273,7 @@ fn run_policy_sync<D: Datapath>(
         .filter(|p| p.node_name.as_deref() != Some(cluster::NODE))
         .map(|p| p.id.clone())
         .collect();
-    let mut lat = Vec::with_capacity(changes);
-    let mut ops = 0usize;
+    let mut lat = Latencies::default();
     for round in 0..changes {
         let id = remote[(round * 7919) % remote.len()].clone();
         let Some(pod) = c.pods.get_mut(&id) else {
@@ -264,20 +286,8 @@ fn run_policy_sync<D: Datapath>(
             pods: [id].into(),
             ..Default::default()
         };
-        let t = Instant::now();
-        let r = s.sync(
-            SyncInput {
-                cluster: &c,
-                changes: &cs,
-                sources_synced: true,
-                generation: 2 + round as u64,
-            },
-            dp,
-        );
-        lat.push(t.elapsed().as_nanos().min(u32::MAX as u128) as u32);
-        ops += r.ops;
+        lat.time(&mut s, &c, &cs, 2 + round as u64, dp);
     }
-    lat.sort_unstable();
     PolicySync {
         datapath: datapath.into(),
         pods: g.pods,
@@ -288,20 +298,20 @@ fn run_policy_sync<D: Datapath>(
             .values()
             .filter(|p| p.node_name.as_deref() == Some(cluster::NODE))
             .count(),
-        ops: r.ops,
-        wall_s: wall.as_secs_f64(),
-        cpu_s: cpu.as_secs_f64(),
-        peak_mib: peak,
+        ops: first.ops,
+        wall_s: first.wall_s,
+        cpu_s: first.cpu_s,
+        peak_mib: first.peak_mib,
         before_mib,
         ipcache: sizes.0,
         endpoints: sizes.1,
         policy: sizes.2,
         policy_rules: sizes.3,
-        changes: lat.len(),
-        change_p50_us: crate::load::percentile(&lat, 0.5) / 1e3,
-        change_p99_us: crate::load::percentile(&lat, 0.99) / 1e3,
-        change_max_us: lat.last().copied().unwrap_or(0) as f64 / 1e3,
-        change_ops_mean: ops as f64 / lat.len().max(1) as f64,
+        changes: lat.ns.len(),
+        change_p50_us: lat.quantile_us(0.5),
+        change_p99_us: lat.quantile_us(0.99),
+        change_max_us: lat.quantile_us(1.0),
+        change_ops_mean: lat.ops as f64 / lat.ns.len().max(1) as f64,
     }
 }
 
